@@ -1,0 +1,5 @@
+//! The `tasker` command line.
+
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}
