@@ -100,7 +100,9 @@ pub fn canonical_bytes<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Encode
 }
 
 /// Decodes a value written by [`canonical_bytes`].
-pub fn from_canonical_bytes<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+pub fn from_canonical_bytes<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, DecodeError> {
     let (value, used) = bincode::serde::decode_from_slice(bytes, bulk_config())
         .map_err(|e| DecodeError::Bincode(e.to_string()))?;
     if used != bytes.len() {
@@ -327,7 +329,9 @@ pub fn decode_json_command(bytes: &[u8]) -> Result<JsonCommand, DecodeError> {
             needs_task(&task_id)?;
             Command::ResolveStep(ResolveStep {
                 step: required(wire.step, "step")?,
-                result: wire.result.map(|r| RawJson::from_trusted(r.get().to_owned())),
+                result: wire
+                    .result
+                    .map(|r| RawJson::from_trusted(r.get().to_owned())),
                 resolved_by: wire.resolved_by,
                 reason: wire.reason,
                 skip_dependents: wire.skip_dependents,
@@ -544,7 +548,10 @@ mod tests {
         assert_eq!(decode(&bytes).unwrap(), env);
         assert_eq!(peek_schema(&bytes), Some(1));
         for cut in 0..bytes.len() {
-            assert!(decode(&bytes[..cut]).is_err(), "prefix of {cut} bytes decoded");
+            assert!(
+                decode(&bytes[..cut]).is_err(),
+                "prefix of {cut} bytes decoded"
+            );
         }
         let mut longer = bytes.clone();
         longer.push(0);
@@ -588,9 +595,15 @@ mod tests {
             (br#"{"type":"task.exploded"}"#, "unknown command"),
             (br#"{"type":"task.completed"}"#, "cannot be sent"),
             (br#"{"type":"task.cancel_requested"}"#, "task_id"),
-            (br#"{"type":"task.requested","namespace":1}"#, "invalid type"),
+            (
+                br#"{"type":"task.requested","namespace":1}"#,
+                "invalid type",
+            ),
             (br#"{"type":"task.requested","bogus":1}"#, "unknown field"),
-            (br#"{"type":"task.cancel_requested","task_id":"nope"}"#, "task_id"),
+            (
+                br#"{"type":"task.cancel_requested","task_id":"nope"}"#,
+                "task_id",
+            ),
             (b"{", "EOF"),
         ] {
             let err = decode_any(ContentType::Json, bad, &fallback).unwrap_err();

@@ -9,6 +9,7 @@
 //! reads no clock and spawns nothing.
 
 pub mod codec;
+pub mod config;
 pub mod decide;
 pub mod log;
 pub mod record;

@@ -56,20 +56,33 @@ mod tests {
     fn follows_the_schedule_within_jitter_and_is_deterministic() {
         let spec = BackoffSpec::default();
         let task = TaskId::v7(Timestamp(1), 9);
-        let expected = [1_000u64, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 300_000, 300_000];
+        let expected = [
+            1_000u64, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 300_000,
+            300_000,
+        ];
         for (i, base) in expected.iter().enumerate() {
             let attempt = i as u32 + 1;
             let d = retry_delay_ms(&spec, None, task, StepId(1), attempt);
-            assert!(d >= base * 9 / 10 && d <= base * 11 / 10, "attempt {attempt}: {d} vs {base}");
+            assert!(
+                d >= base * 9 / 10 && d <= base * 11 / 10,
+                "attempt {attempt}: {d} vs {base}"
+            );
             assert_eq!(d, retry_delay_ms(&spec, None, task, StepId(1), attempt));
         }
         let spread: std::collections::HashSet<u64> = (0..50u32)
             .map(|s| retry_delay_ms(&spec, None, task, StepId(s), 3))
             .collect();
         assert!(spread.len() > 10, "jitter should spread delays: {spread:?}");
-        assert_eq!(retry_delay_ms(&spec, Some(42_000), task, StepId(1), 5), 42_000);
+        assert_eq!(
+            retry_delay_ms(&spec, Some(42_000), task, StepId(1), 5),
+            42_000
+        );
         assert!(retry_delay_ms(&spec, None, task, StepId(1), u32::MAX) <= 330_000);
-        let none = BackoffSpec { initial_ms: 10, max_ms: 10, jitter_pct: 0 };
+        let none = BackoffSpec {
+            initial_ms: 10,
+            max_ms: 10,
+            jitter_pct: 0,
+        };
         assert_eq!(retry_delay_ms(&none, None, task, StepId(0), 7), 10);
     }
 }

@@ -124,7 +124,9 @@ impl Draft {
         }
         (0..n as u32)
             .map(StepId)
-            .filter(|id| downstream[id.index()] && self.task.steps[id.index()].status == StepStatus::Pending)
+            .filter(|id| {
+                downstream[id.index()] && self.task.steps[id.index()].status == StepStatus::Pending
+            })
             .collect()
     }
 }

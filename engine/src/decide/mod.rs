@@ -64,6 +64,9 @@ pub enum Input<'a> {
     },
     /// A step's backoff elapsed (the processor's timer, derived from `retry_at`).
     RetryDue { task: TaskId, step: StepId },
+    /// After a restart: finish any cascade a crash cut short (start steps whose
+    /// parents are done, finish a task with nothing left). Usually decides nothing.
+    Reconcile { task: TaskId },
 }
 
 impl Input<'_> {
@@ -71,7 +74,8 @@ impl Input<'_> {
         match self {
             Input::Command { task, .. }
             | Input::StepFinished { task, .. }
-            | Input::RetryDue { task, .. } => *task,
+            | Input::RetryDue { task, .. }
+            | Input::Reconcile { task } => *task,
         }
     }
 }
@@ -102,7 +106,18 @@ pub fn decide(state: &State, input: Input<'_>, now: Timestamp) -> Result<Vec<Eve
             outcome,
         } => step_finished(existing(state, task)?, step, attempt, outcome, now),
         Input::RetryDue { task, step } => retry_due(existing(state, task)?, step, now),
+        Input::Reconcile { task } => reconcile(existing(state, task)?, now),
     }
+}
+
+fn reconcile(task: &TaskState, now: Timestamp) -> Result<Vec<Event>, Rejection> {
+    if task.status.is_terminal() {
+        return Ok(Vec::new());
+    }
+    let mut draft = Draft::new(task, now);
+    draft.start_ready()?;
+    draft.settle()?;
+    Ok(draft.into_events())
 }
 
 fn existing(state: &State, task: TaskId) -> Result<&TaskState, Rejection> {
@@ -130,7 +145,11 @@ fn step_named(task: &TaskState, name: &str) -> Result<StepId, Rejection> {
 fn illegal(task: &TaskState, what: &str) -> Rejection {
     Rejection::new(
         RejectReason::InvalidTransition,
-        format!("cannot {what} task {} in state {}", task.id, task.status.as_str()),
+        format!(
+            "cannot {what} task {} in state {}",
+            task.id,
+            task.status.as_str()
+        ),
     )
 }
 
@@ -181,7 +200,6 @@ fn request_task(
         Arc::clone(dag),
         Arc::new(request.clone()),
         now,
-        crate::record::Position(0),
     );
     let mut draft = Draft::with_events(state, vec![accepted], now);
     draft.start_ready()?;
@@ -189,7 +207,11 @@ fn request_task(
     Ok(draft.into_events())
 }
 
-fn cancel_task(task: &TaskState, cancel: &CancelTask, now: Timestamp) -> Result<Vec<Event>, Rejection> {
+fn cancel_task(
+    task: &TaskState,
+    cancel: &CancelTask,
+    now: Timestamp,
+) -> Result<Vec<Event>, Rejection> {
     if !task.status.can_become(TaskStatus::Cancelled) {
         return Err(illegal(task, "cancel"));
     }
@@ -207,7 +229,11 @@ fn cancel_task(task: &TaskState, cancel: &CancelTask, now: Timestamp) -> Result<
     Ok(draft.into_events())
 }
 
-fn retry_task(task: &TaskState, retry: &RetryTask, now: Timestamp) -> Result<Vec<Event>, Rejection> {
+fn retry_task(
+    task: &TaskState,
+    retry: &RetryTask,
+    now: Timestamp,
+) -> Result<Vec<Event>, Rejection> {
     if task.status != TaskStatus::Error {
         return Err(illegal(task, "retry"));
     }
@@ -292,7 +318,10 @@ fn step_finished(
     now: Timestamp,
 ) -> Result<Vec<Event>, Rejection> {
     let current = task.step(step).ok_or_else(|| {
-        Rejection::new(RejectReason::UnknownStep, format!("task {} has no step {step}", task.id))
+        Rejection::new(
+            RejectReason::UnknownStep,
+            format!("task {} has no step {step}", task.id),
+        )
     })?;
     if task.status != TaskStatus::InProgress
         || current.status != StepStatus::InProgress
@@ -344,7 +373,10 @@ fn step_finished(
 
 fn retry_due(task: &TaskState, step: StepId, now: Timestamp) -> Result<Vec<Event>, Rejection> {
     let current = task.step(step).ok_or_else(|| {
-        Rejection::new(RejectReason::UnknownStep, format!("task {} has no step {step}", task.id))
+        Rejection::new(
+            RejectReason::UnknownStep,
+            format!("task {} has no step {step}", task.id),
+        )
     })?;
     let due = current.retry_at.is_some_and(|at| at <= now);
     if task.status != TaskStatus::InProgress || current.status != StepStatus::Error || !due {

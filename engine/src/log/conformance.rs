@@ -26,11 +26,19 @@ pub trait Harness {
 /// A recognizable record: payload and headers derived from `i`.
 pub fn sample(i: u64) -> Record {
     let kinds = [Kind::Command, Kind::Event, Kind::Control];
-    let types = [RecordType::TaskRequested, RecordType::StepCompleted, RecordType::PartitionClaimed];
+    let types = [
+        RecordType::TaskRequested,
+        RecordType::StepCompleted,
+        RecordType::PartitionClaimed,
+    ];
     Record {
         key: TaskId::v7(Timestamp(1_700_000_000_000 + i), u128::from(i)),
         headers: Headers {
-            content_type: if i % 2 == 0 { ContentType::Bincode } else { ContentType::Json },
+            content_type: if i % 2 == 0 {
+                ContentType::Bincode
+            } else {
+                ContentType::Json
+            },
             kind: Some(kinds[(i % 3) as usize]),
             record_type: Some(types[(i % 3) as usize]),
             schema: 1,
@@ -46,7 +54,11 @@ fn read_all(log: &dyn Log, partition: PartitionId, from: Position, n: usize) -> 
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while out.len() < n && Instant::now() < deadline {
-        out.extend(reader.poll(n - out.len(), Duration::from_millis(200)).expect("poll"));
+        out.extend(
+            reader
+                .poll(n - out.len(), Duration::from_millis(200))
+                .expect("poll"),
+        );
     }
     out
 }
@@ -56,7 +68,10 @@ fn assert_same(got: &StoredRecord, want: &Record, position: Position) {
     assert_eq!(got.record.key, want.key, "key at {position}");
     assert_eq!(got.record.payload, want.payload, "payload at {position}");
     assert_eq!(got.record.headers, want.headers, "headers at {position}");
-    assert_eq!(got.record.timestamp, want.timestamp, "timestamp at {position}");
+    assert_eq!(
+        got.record.timestamp, want.timestamp,
+        "timestamp at {position}"
+    );
 }
 
 /// Batches get contiguous, increasing positions starting at `end()`, and read back
@@ -94,7 +109,10 @@ pub fn read_from_any_position(h: &dyn Harness) {
     let p = PartitionId(0);
     let start = log.end(p).expect("end");
     let records: Vec<Record> = (0..50).map(sample).collect();
-    log.writer(p).expect("writer").append(&records).expect("append");
+    log.writer(p)
+        .expect("writer")
+        .append(&records)
+        .expect("append");
     for from in [0usize, 1, 25, 49] {
         let got = read_all(&*log, p, Position(start.0 + from as u64), 50 - from);
         assert_eq!(got.len(), 50 - from, "from {from}");
@@ -117,8 +135,15 @@ pub fn poll_waits_for_appends(h: &dyn Harness) {
     let start = log.end(p).expect("end");
     let mut r = log.reader(p, start).expect("reader");
     let t0 = Instant::now();
-    assert!(r.poll(10, Duration::from_millis(100)).expect("poll").is_empty());
-    assert!(t0.elapsed() >= Duration::from_millis(90), "poll returned early");
+    assert!(
+        r.poll(10, Duration::from_millis(100))
+            .expect("poll")
+            .is_empty()
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(90),
+        "poll returned early"
+    );
     let writer_log = Arc::clone(&log);
     let appender = std::thread::spawn(move || {
         let mut w = writer_log.writer(p).expect("writer");
@@ -145,18 +170,32 @@ pub fn partitions_are_independent(h: &dyn Harness) {
     for p in 0..3u32 {
         let part = PartitionId(p);
         starts.push(log.end(part).expect("end"));
-        let records: Vec<Record> = (0..=u64::from(p)).map(|i| sample(100 * u64::from(p) + i)).collect();
-        log.writer(part).expect("writer").append(&records).expect("append");
+        let records: Vec<Record> = (0..=u64::from(p))
+            .map(|i| sample(100 * u64::from(p) + i))
+            .collect();
+        log.writer(part)
+            .expect("writer")
+            .append(&records)
+            .expect("append");
     }
     for p in 0..3u32 {
         let part = PartitionId(p);
         let got = read_all(&*log, part, starts[p as usize], p as usize + 1);
         assert_eq!(got.len(), p as usize + 1);
         assert_same(&got[0], &sample(100 * u64::from(p)), starts[p as usize]);
-        let mut r = log.reader(part, got.last().expect("one").position.next()).expect("reader");
-        assert!(r.poll(10, Duration::from_millis(50)).expect("poll").is_empty());
+        let mut r = log
+            .reader(part, got.last().expect("one").position.next())
+            .expect("reader");
+        assert!(
+            r.poll(10, Duration::from_millis(50))
+                .expect("poll")
+                .is_empty()
+        );
     }
-    assert!(log.writer(PartitionId(3)).is_err(), "partition 3 must not exist");
+    assert!(
+        log.writer(PartitionId(3)).is_err(),
+        "partition 3 must not exist"
+    );
 }
 
 /// Everything appended is there after the log is opened again, and appends continue
@@ -168,12 +207,19 @@ pub fn survives_reopen(h: &dyn Harness) {
     let first: Vec<Record> = (0..10).map(sample).collect();
     {
         let log = t.log();
-        log.writer(p).expect("writer").append(&first).expect("append");
+        log.writer(p)
+            .expect("writer")
+            .append(&first)
+            .expect("append");
     }
     t.reopen().expect("reopen");
     let log = t.log();
     assert_eq!(log.end(p).expect("end"), Position(start.0 + 10));
-    let pos = log.writer(p).expect("writer").append(&[sample(10)]).expect("append");
+    let pos = log
+        .writer(p)
+        .expect("writer")
+        .append(&[sample(10)])
+        .expect("append");
     assert_eq!(pos, vec![Position(start.0 + 10)]);
     let got = read_all(&*log, p, start, 11);
     assert_eq!(got.len(), 11);

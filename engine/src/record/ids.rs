@@ -227,7 +227,10 @@ mod tests {
             .get_timestamp()
             .map(|t| t.to_unix())
             .unwrap_or((0, 0));
-        assert_eq!(secs * 1000 + u64::from(nanos) / 1_000_000, 1_700_000_000_123);
+        assert_eq!(
+            secs * 1000 + u64::from(nanos) / 1_000_000,
+            1_700_000_000_123
+        );
         assert_eq!(id.as_uuid().get_variant(), uuid::Variant::RFC4122);
         let parsed: TaskId = id.to_string().parse().unwrap();
         assert_eq!(parsed, id);

@@ -83,7 +83,6 @@ pub(crate) fn task_hash(task: &TaskState, template_hash: &[u8; 32]) -> [u8; 32] 
     h.update(template_hash);
     request_hash(&mut h, &task.request);
     put_ts(&mut h, Some(task.accepted_at));
-    h.update(&task.accepted_position.0.to_le_bytes());
     put_ts(&mut h, task.started_at);
     put_ts(&mut h, task.finished_at);
     h.update(&(task.steps.len() as u64).to_le_bytes());

@@ -4,6 +4,7 @@
 mod chain;
 mod dag;
 mod digest;
+mod snapshot;
 mod step;
 mod task;
 
@@ -15,6 +16,7 @@ use rustc_hash::FxHashMap;
 pub use chain::HashChain;
 pub use dag::Dag;
 pub use digest::{Digest, DigestSum};
+pub use snapshot::StateSnapshot;
 pub use step::{StepState, StepStatus};
 pub use task::{TaskState, TaskStatus};
 
@@ -100,6 +102,8 @@ pub struct State {
     evictions: VecDeque<(Timestamp, TaskId)>,
     archived: DigestSum,
     stats: FoldStats,
+    /// Ids evicted since the runtime last asked (only when tracking is on).
+    evicted: Option<Vec<TaskId>>,
 }
 
 impl Default for State {
@@ -122,11 +126,25 @@ impl State {
             evictions: VecDeque::new(),
             archived: DigestSum::default(),
             stats: FoldStats::default(),
+            evicted: None,
         }
     }
 
-    /// Folds one record read at `position`.
-    pub fn apply(&mut self, position: Position, env: &Envelope) -> Applied {
+    /// Makes the fold remember evicted task ids for [`State::take_evicted`] (the
+    /// runtime drops them from its read views).
+    pub fn track_evictions(&mut self) {
+        self.evicted.get_or_insert_with(Vec::new);
+    }
+
+    pub fn take_evicted(&mut self) -> Vec<TaskId> {
+        self.evicted
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Folds one record.
+    pub fn apply(&mut self, env: &Envelope) -> Applied {
         match &env.body {
             Body::Command(_) => Applied::Command,
             Body::Control(Control::PartitionClaimed(claim)) => {
@@ -149,7 +167,7 @@ impl State {
                 if let Some(src) = env.source_position {
                     self.answered = Some(self.answered.map_or(src, |a| a.max(src)));
                 }
-                match self.apply_event(position, env, event) {
+                match self.apply_event(env, event) {
                     Ok(()) => {
                         self.stats.events += 1;
                         Applied::Event
@@ -163,12 +181,7 @@ impl State {
         }
     }
 
-    fn apply_event(
-        &mut self,
-        position: Position,
-        env: &Envelope,
-        event: &Event,
-    ) -> Result<(), ApplyError> {
+    fn apply_event(&mut self, env: &Envelope, event: &Event) -> Result<(), ApplyError> {
         match event {
             Event::TaskAccepted(accepted) => {
                 if self.tasks.contains_key(&env.task_id) {
@@ -180,14 +193,8 @@ impl State {
                     self.idempotency
                         .insert((request.namespace.clone(), key.clone()), env.task_id);
                 }
-                let task = TaskState::accepted(
-                    env.task_id,
-                    env.correlation_id,
-                    dag,
-                    request,
-                    env.at,
-                    position,
-                );
+                let task =
+                    TaskState::accepted(env.task_id, env.correlation_id, dag, request, env.at);
                 self.tasks.insert(env.task_id, task);
                 Ok(())
             }
@@ -241,6 +248,9 @@ impl State {
                     }
                 }
                 self.stats.evicted += 1;
+                if let Some(list) = &mut self.evicted {
+                    list.push(id);
+                }
             }
         }
     }

@@ -4,12 +4,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::ApplyError;
 use super::dag::Dag;
 use super::step::{StepState, StepStatus};
-use super::ApplyError;
-use crate::record::{
-    CorrelationId, Event, Position, RequestTask, StepId, TaskId, Timestamp,
-};
+use crate::record::{CorrelationId, Event, RequestTask, StepId, TaskId, Timestamp};
 
 /// Task states, as in the original Tasker.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Debug)]
@@ -96,7 +94,6 @@ pub struct TaskState {
     pub request: Arc<RequestTask>,
     pub steps: Vec<StepState>,
     pub accepted_at: Timestamp,
-    pub accepted_position: Position,
     pub started_at: Option<Timestamp>,
     /// When the task last reached a terminal status.
     pub finished_at: Option<Timestamp>,
@@ -110,7 +107,6 @@ impl TaskState {
         dag: Arc<Dag>,
         request: Arc<RequestTask>,
         at: Timestamp,
-        position: Position,
     ) -> Self {
         let steps = vec![StepState::new(); dag.len()];
         TaskState {
@@ -121,7 +117,6 @@ impl TaskState {
             request,
             steps,
             accepted_at: at,
-            accepted_position: position,
             started_at: None,
             finished_at: None,
         }

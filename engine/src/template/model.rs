@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::Template;
 use super::error::{TemplateError, TemplateErrorKind, TemplateErrors};
 use super::order::topological_order;
-use super::Template;
 use crate::record::{BackoffSpec, RawJson, StepId, StepSpec, TemplateSnapshot};
 use crate::state::Dag;
 
@@ -227,9 +227,10 @@ pub(super) fn validate(doc: TemplateDoc, file: &str) -> Result<Template, Templat
                 match value.as_ref().map(DurationDoc::millis) {
                     None => {}
                     Some(Ok(ms)) => *slot = ms,
-                    Some(Err(e)) => {
-                        err(format!("steps[{i}].backoff.{name}"), TemplateErrorKind::Invalid(e))
-                    }
+                    Some(Err(e)) => err(
+                        format!("steps[{i}].backoff.{name}"),
+                        TemplateErrorKind::Invalid(e),
+                    ),
                 }
             }
             if let Some(j) = b.jitter_pct {
@@ -297,7 +298,8 @@ pub(super) fn validate(doc: TemplateDoc, file: &str) -> Result<Template, Templat
     let mut steps = Vec::with_capacity(order.len());
     for &old in &order {
         if let Some(mut spec) = specs[old].take() {
-            let mut deps: Vec<StepId> = parents[old].iter().map(|&p| StepId(new_index[p])).collect();
+            let mut deps: Vec<StepId> =
+                parents[old].iter().map(|&p| StepId(new_index[p])).collect();
             deps.sort();
             spec.depends_on = deps;
             steps.push(spec);

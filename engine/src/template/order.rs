@@ -61,7 +61,10 @@ mod tests {
     #[test]
     fn orders_parents_first_and_reports_cycles() {
         // 0 <- 2, 1 <- 0
-        assert_eq!(topological_order(&[vec![2], vec![0], vec![]]), Ok(vec![2, 0, 1]));
+        assert_eq!(
+            topological_order(&[vec![2], vec![0], vec![]]),
+            Ok(vec![2, 0, 1])
+        );
         // 0 -> 1 -> 2 -> 0 plus a free node 3
         let cycle = topological_order(&[vec![2], vec![0], vec![1], vec![]]).unwrap_err();
         assert_eq!(cycle.len(), 3);

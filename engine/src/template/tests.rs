@@ -40,7 +40,10 @@ fn parses_and_orders_steps_topologically() {
     let s = t.snapshot();
     assert_eq!(s.qualified_name(), "shop/order@1.2.0");
     let names: Vec<&str> = s.steps.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["validate", "payment", "inventory", "ship", "notify"]);
+    assert_eq!(
+        names,
+        ["validate", "payment", "inventory", "ship", "notify"]
+    );
     let ship = &s.steps[3];
     assert_eq!(ship.depends_on, vec![StepId(1), StepId(2)]);
     assert_eq!(ship.timeout_ms, 1500);
@@ -60,13 +63,18 @@ fn parses_and_orders_steps_topologically() {
 #[test]
 fn validates_context_against_the_schema() {
     let t = Template::from_yaml(ORDER, "order.yaml").expect("valid");
-    assert!(t.validate_context(&RawJson::parse(r#"{"order_id": 3}"#).unwrap()).is_ok());
+    assert!(
+        t.validate_context(&RawJson::parse(r#"{"order_id": 3}"#).unwrap())
+            .is_ok()
+    );
     let errors = t
         .validate_context(&RawJson::parse(r#"{"order_id": "x"}"#).unwrap())
         .unwrap_err();
     assert_eq!(errors.len(), 1);
     assert!(errors[0].starts_with("/order_id:"), "{errors:?}");
-    let errors = t.validate_context(&RawJson::parse("{}").unwrap()).unwrap_err();
+    let errors = t
+        .validate_context(&RawJson::parse("{}").unwrap())
+        .unwrap_err();
     assert!(errors[0].contains("order_id"), "{errors:?}");
 }
 
@@ -82,7 +90,11 @@ fn every_error_names_file_and_field() {
             "version",
             "not a semver",
         ),
-        ("namespace: a\nname: b\nversion: 1.0.0\nsteps: []", "steps", "no steps"),
+        (
+            "namespace: a\nname: b\nversion: 1.0.0\nsteps: []",
+            "steps",
+            "no steps",
+        ),
         (
             "namespace: a\nname: b\nversion: 1.0.0\nsteps: [{name: x, handler: noop}, {name: x, handler: noop}]",
             "steps[1].name",
@@ -147,7 +159,9 @@ fn cycle_error_names_the_cycle() {
     names.sort();
     assert_eq!(names, ["a", "b", "c"]);
     // self dependency
-    let errors = errors_of("namespace: a\nname: b\nversion: 1.0.0\nsteps: [{name: a, handler: noop, depends_on: [a]}]");
+    let errors = errors_of(
+        "namespace: a\nname: b\nversion: 1.0.0\nsteps: [{name: a, handler: noop, depends_on: [a]}]",
+    );
     assert!(errors[0].to_string().contains("a -> a"), "{errors:?}");
 }
 

@@ -185,10 +185,20 @@ mod tests {
         let mut buf = Vec::new();
         encode_frame(&r, true, &mut buf);
         let total = buf.len();
-        assert_eq!(check_frame(&buf), FrameCheck::Valid { total, end_of_batch: true });
+        assert_eq!(
+            check_frame(&buf),
+            FrameCheck::Valid {
+                total,
+                end_of_batch: true
+            }
+        );
         assert_eq!(decode_frame(&Bytes::from(buf.clone())), r);
         for cut in 0..total {
-            assert_eq!(check_frame(&buf[..cut]), FrameCheck::Incomplete, "cut at {cut}");
+            assert_eq!(
+                check_frame(&buf[..cut]),
+                FrameCheck::Incomplete,
+                "cut at {cut}"
+            );
         }
         for i in 0..total {
             for bit in 0..8 {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 pub use format::{FRAME_HEADER_LEN, SEGMENT_HEADER_LEN};
 pub use reader::FileReader;
-pub use scan::{recovery, scan, Damage, Recovery, ScanResult};
+pub use scan::{Damage, Recovery, ScanResult, recovery, scan};
 pub use writer::FileWriter;
 
 use super::{Log, LogError, LogReader, LogWriter};
@@ -162,9 +162,8 @@ impl FileLog {
     /// Opens an existing log for reading, with the partition count it was made with.
     pub fn open_existing(root: impl AsRef<Path>) -> Result<FileLog, LogError> {
         let root = root.as_ref().to_owned();
-        let partitions = read_meta(&root.join(META_FILE))?.ok_or_else(|| {
-            LogError::Config(format!("{} holds no Tasker log", root.display()))
-        })?;
+        let partitions = read_meta(&root.join(META_FILE))?
+            .ok_or_else(|| LogError::Config(format!("{} holds no Tasker log", root.display())))?;
         Ok(FileLog::with_config(
             root,
             FileLogConfig {

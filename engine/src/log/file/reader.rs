@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
-use super::format::{check_frame, decode_frame, FrameCheck, SEGMENT_HEADER_LEN};
+use super::Shared;
+use super::format::{FrameCheck, SEGMENT_HEADER_LEN, check_frame, decode_frame};
 use super::scan::scan;
 use super::segment::{io_err, list_segments, read_index, segment_path};
-use super::Shared;
 use crate::log::{LogError, LogReader, StoredRecord};
 use crate::record::{PartitionId, Position};
 
@@ -152,8 +152,8 @@ impl FileReader {
                 }
                 FrameCheck::Invalid(reason) => {
                     let sealed = list_segments(&self.shared.dir)?
-                            .last()
-                            .is_some_and(|&b| b > seg.base);
+                        .last()
+                        .is_some_and(|&b| b > seg.base);
                     if sealed || limit.is_some_and(|l| self.next < l) || intact_after(seg)? {
                         return Err(self.corrupt(reason));
                     }

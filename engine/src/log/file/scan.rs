@@ -1,7 +1,7 @@
 //! Scanning a segment's bytes, and deciding what recovery does with damage. Pure
 //! functions over a byte slice, so every failure case is a unit test.
 
-use super::format::{check_frame, FrameCheck, FRAME_MAGIC, SEGMENT_HEADER_LEN};
+use super::format::{FRAME_MAGIC, FrameCheck, SEGMENT_HEADER_LEN, check_frame};
 
 /// One sparse index entry every this many records.
 pub const INDEX_STRIDE: u64 = 512;
@@ -98,9 +98,15 @@ pub(super) fn whole_batch_after(data: &[u8], from: usize) -> bool {
 pub enum Recovery {
     Clean,
     /// The last segment ends in a torn batch (never acknowledged): cut it off.
-    TruncateTail { at: u64, dropped_bytes: u64 },
+    TruncateTail {
+        at: u64,
+        dropped_bytes: u64,
+    },
     /// Durable data is damaged: stop and name the place.
-    Refuse { offset: u64, reason: String },
+    Refuse {
+        offset: u64,
+        reason: String,
+    },
 }
 
 /// Only the last segment may have a torn tail; damage followed by an intact batch,
@@ -200,7 +206,10 @@ mod tests {
         let last = data.len() - 1;
         data[last] ^= 1;
         let s = scan(&data);
-        assert!(matches!(recovery(&s, data.len() as u64, false), Recovery::Refuse { .. }));
+        assert!(matches!(
+            recovery(&s, data.len() as u64, false),
+            Recovery::Refuse { .. }
+        ));
         assert_eq!(s.valid_len, ends[0] as u64);
     }
 
@@ -211,6 +220,8 @@ mod tests {
             *b = 0;
         }
         let s = scan(&data);
-        assert!(matches!(recovery(&s, data.len() as u64, true), Recovery::Refuse { offset, .. } if offset <= 100));
+        assert!(
+            matches!(recovery(&s, data.len() as u64, true), Recovery::Refuse { offset, .. } if offset <= 100)
+        );
     }
 }

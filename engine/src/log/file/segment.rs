@@ -93,7 +93,12 @@ pub fn create_segment(dir: &Path, partition: u32, base: u64) -> Result<File, Log
 }
 
 /// Writes a sealed segment's record count and sparse index.
-pub fn write_index(dir: &Path, base: u64, records: u64, index: &[(u64, u64)]) -> Result<(), LogError> {
+pub fn write_index(
+    dir: &Path,
+    base: u64,
+    records: u64,
+    index: &[(u64, u64)],
+) -> Result<(), LogError> {
     let path = index_path(dir, base);
     let mut buf = Vec::with_capacity(16 + index.len() * 16);
     buf.extend_from_slice(&records.to_le_bytes());

@@ -8,7 +8,7 @@ use tempfile::TempDir;
 
 use super::segment::{list_segments, partition_dir, segment_path};
 use super::*;
-use crate::log::conformance::{sample, Harness, TestLog};
+use crate::log::conformance::{Harness, TestLog, sample};
 use crate::log::{LogError, Record};
 use crate::record::{PartitionId, Position};
 
@@ -24,7 +24,10 @@ impl TestLog for FileTestLog {
     }
     fn reopen(&mut self) -> Result<(), LogError> {
         self.log = None;
-        self.log = Some(Arc::new(FileLog::open(self.dir.path(), self.config.clone())?));
+        self.log = Some(Arc::new(FileLog::open(
+            self.dir.path(),
+            self.config.clone(),
+        )?));
         Ok(())
     }
 }
@@ -59,7 +62,9 @@ mod conformance_one_segment {
 
 mod conformance_tiny_segments {
     use super::*;
-    crate::conformance_tests!(FileHarness { segment_bytes: 2048 });
+    crate::conformance_tests!(FileHarness {
+        segment_bytes: 2048
+    });
 }
 
 fn open(dir: &std::path::Path, segment_bytes: u64) -> FileLog {
@@ -88,7 +93,10 @@ fn read_positions(log: &FileLog, from: u64) -> Result<Vec<u64>, LogError> {
 
 fn last_segment(dir: &std::path::Path) -> PathBuf {
     let pdir = partition_dir(dir, 0);
-    let base = *list_segments(&pdir).expect("list").last().expect("a segment");
+    let base = *list_segments(&pdir)
+        .expect("list")
+        .last()
+        .expect("a segment");
     segment_path(&pdir, base)
 }
 
@@ -98,8 +106,10 @@ fn recovers_torn_tail() {
     {
         let log = open(dir.path(), 64 << 20);
         let mut w = log.writer(PartitionId(0)).expect("writer");
-        w.append(&(0..5).map(sample).collect::<Vec<_>>()).expect("append");
-        w.append(&(5..8).map(sample).collect::<Vec<_>>()).expect("append");
+        w.append(&(0..5).map(sample).collect::<Vec<_>>())
+            .expect("append");
+        w.append(&(5..8).map(sample).collect::<Vec<_>>())
+            .expect("append");
     }
     let path = last_segment(dir.path());
     let full = fs::read(&path).expect("read");
@@ -119,10 +129,22 @@ fn recovers_torn_tail() {
     for cut in [first_batch_len + 1, first_batch_len + 13, full.len() - 1] {
         fs::write(&path, &full[..cut]).expect("write torn file");
         let log = open(dir.path(), 64 << 20);
-        let mut w = log.writer(PartitionId(0)).expect("torn tail must be recovered");
-        assert_eq!(log.end(PartitionId(0)).expect("end"), Position(5), "cut {cut}");
-        assert_eq!(fs::metadata(&path).expect("meta").len(), first_batch_len as u64);
-        assert_eq!(read_positions(&log, 0).expect("read"), (0..5).collect::<Vec<_>>());
+        let mut w = log
+            .writer(PartitionId(0))
+            .expect("torn tail must be recovered");
+        assert_eq!(
+            log.end(PartitionId(0)).expect("end"),
+            Position(5),
+            "cut {cut}"
+        );
+        assert_eq!(
+            fs::metadata(&path).expect("meta").len(),
+            first_batch_len as u64
+        );
+        assert_eq!(
+            read_positions(&log, 0).expect("read"),
+            (0..5).collect::<Vec<_>>()
+        );
         // and appending continues at the recovered end
         assert_eq!(w.append(&[sample(99)]).expect("append"), vec![Position(5)]);
         drop(w);
@@ -137,7 +159,8 @@ fn rejects_mid_log_corruption() {
         let log = open(dir.path(), 64 << 20);
         let mut w = log.writer(PartitionId(0)).expect("writer");
         for b in 0..3 {
-            w.append(&(b * 4..b * 4 + 4).map(sample).collect::<Vec<_>>()).expect("append");
+            w.append(&(b * 4..b * 4 + 4).map(sample).collect::<Vec<_>>())
+                .expect("append");
         }
     }
     let path = last_segment(dir.path());
@@ -147,7 +170,11 @@ fn rejects_mid_log_corruption() {
     fs::write(&path, &data).expect("write");
     let log = open(dir.path(), 64 << 20);
     match log.writer(PartitionId(0)) {
-        Err(LogError::Corrupt { path: p, offset, reason }) => {
+        Err(LogError::Corrupt {
+            path: p,
+            offset,
+            reason,
+        }) => {
             assert_eq!(p, path);
             assert_eq!(offset, SEGMENT_HEADER_LEN as u64);
             assert!(reason.contains("intact"), "{reason}");
@@ -156,7 +183,9 @@ fn rejects_mid_log_corruption() {
     }
     // Readers refuse it too, naming the place (no silent stop at the damage).
     match read_positions(&log, 0) {
-        Err(LogError::Corrupt { path: p, offset, .. }) => {
+        Err(LogError::Corrupt {
+            path: p, offset, ..
+        }) => {
             assert_eq!(p, path);
             assert_eq!(offset, SEGMENT_HEADER_LEN as u64);
         }
@@ -205,7 +234,10 @@ fn missing_segment_is_refused() {
     let log = open(dir.path(), 1024);
     match log.writer(PartitionId(0)) {
         Err(LogError::Corrupt { reason, .. }) => assert!(reason.contains("missing"), "{reason}"),
-        other => panic!("expected a missing-segment error, got {:?}", other.map(|_| ())),
+        other => panic!(
+            "expected a missing-segment error, got {:?}",
+            other.map(|_| ())
+        ),
     }
 }
 
@@ -222,7 +254,10 @@ fn second_writer_refused() {
         res => panic!("second writer must be refused, got {:?}", res.map(|_| ())),
     }
     drop(w);
-    assert!(other.writer(PartitionId(0)).is_ok(), "lock is released on drop");
+    assert!(
+        other.writer(PartitionId(0)).is_ok(),
+        "lock is released on drop"
+    );
 }
 
 #[test]
@@ -236,7 +271,11 @@ fn reads_across_segments() {
     }
     let pdir = partition_dir(dir.path(), 0);
     let segments = list_segments(&pdir).expect("list");
-    assert!(segments.len() > 10, "expected many segments, got {}", segments.len());
+    assert!(
+        segments.len() > 10,
+        "expected many segments, got {}",
+        segments.len()
+    );
     drop(w);
     for from in [0u64, 1, 999, 1_500, 1_999] {
         let got = read_positions(&log, from).expect("read");
@@ -246,7 +285,10 @@ fn reads_across_segments() {
     let reopened = open(dir.path(), 4096);
     assert_eq!(reopened.end(PartitionId(0)).expect("end"), Position(2_000));
     let mut w = reopened.writer(PartitionId(0)).expect("writer");
-    assert_eq!(w.append(&[sample(1)]).expect("append"), vec![Position(2_000)]);
+    assert_eq!(
+        w.append(&[sample(1)]).expect("append"),
+        vec![Position(2_000)]
+    );
 }
 
 #[test]
@@ -261,8 +303,16 @@ fn partition_count_is_fixed_at_creation() {
         },
     )
     .expect_err("partition count mismatch");
-    assert!(err.to_string().contains("created with 1 partitions"), "{err}");
-    assert_eq!(FileLog::open_existing(dir.path()).expect("existing").partitions(), 1);
+    assert!(
+        err.to_string().contains("created with 1 partitions"),
+        "{err}"
+    );
+    assert_eq!(
+        FileLog::open_existing(dir.path())
+            .expect("existing")
+            .partitions(),
+        1
+    );
 }
 
 #[test]
@@ -274,7 +324,10 @@ fn failed_write_is_rolled_back_and_later_appends_continue() {
     w.append(&[sample(0)]).expect("append");
     let mut big = sample(1);
     big.payload = bytes::Bytes::from(vec![0u8; crate::codec::MAX_RECORD_BYTES + 1]);
-    assert!(matches!(w.append(&[big]), Err(LogError::RecordTooLarge { .. })));
+    assert!(matches!(
+        w.append(&[big]),
+        Err(LogError::RecordTooLarge { .. })
+    ));
     assert_eq!(w.append(&[sample(2)]).expect("append"), vec![Position(1)]);
 }
 
@@ -299,14 +352,25 @@ fn cross_process_style_reader_sees_appends_without_a_shared_writer() {
     let writer_log = open(dir.path(), 64 << 20);
     let reader_log = open(dir.path(), 64 << 20);
     let mut w = writer_log.writer(PartitionId(0)).expect("writer");
-    let mut r = reader_log.reader(PartitionId(0), Position(0)).expect("reader");
-    assert!(r.poll(10, Duration::from_millis(20)).expect("poll").is_empty());
+    let mut r = reader_log
+        .reader(PartitionId(0), Position(0))
+        .expect("reader");
+    assert!(
+        r.poll(10, Duration::from_millis(20))
+            .expect("poll")
+            .is_empty()
+    );
     w.append(&[sample(0), sample(1)]).expect("append");
     let got = r.poll(10, Duration::from_millis(500)).expect("poll");
     assert_eq!(got.len(), 2);
     // a half-written frame at the end is not returned yet
     let path = last_segment(dir.path());
     let mut f = OpenOptions::new().append(true).open(&path).expect("open");
-    f.write_all(&[0xF7, 0x5A, 1, 0, 200, 0]).expect("write partial");
-    assert!(r.poll(10, Duration::from_millis(20)).expect("poll").is_empty());
+    f.write_all(&[0xF7, 0x5A, 1, 0, 200, 0])
+        .expect("write partial");
+    assert!(
+        r.poll(10, Duration::from_millis(20))
+            .expect("poll")
+            .is_empty()
+    );
 }

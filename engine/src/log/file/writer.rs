@@ -3,12 +3,12 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
-use super::format::{decode_segment_header, encode_frame, SEGMENT_HEADER_LEN};
-use super::scan::{recovery, scan, Recovery, INDEX_STRIDE};
+use super::format::{SEGMENT_HEADER_LEN, decode_segment_header, encode_frame};
+use super::scan::{INDEX_STRIDE, Recovery, recovery, scan};
 use super::segment::{
     create_private_dir, create_segment, io_err, list_segments, read_index, segment_path,
     write_index,
@@ -55,7 +55,10 @@ impl Drop for Flusher {
 impl FileWriter {
     /// Takes the lock, recovers the last segment (truncating a torn tail), checks
     /// that segments are contiguous, and positions at the end.
-    pub(crate) fn open(shared: Arc<Shared>, config: &FileLogConfig) -> Result<FileWriter, LogError> {
+    pub(crate) fn open(
+        shared: Arc<Shared>,
+        config: &FileLogConfig,
+    ) -> Result<FileWriter, LogError> {
         let dir = shared.dir.clone();
         create_private_dir(&dir)?;
         let lock = take_lock(&dir)?;
@@ -145,7 +148,9 @@ impl FileWriter {
 
     /// Seals the active segment and starts a new one at the current end.
     fn roll(&mut self) -> Result<(), LogError> {
-        self.file.sync_all().map_err(io_err("sync segment", &self.path))?;
+        self.file
+            .sync_all()
+            .map_err(io_err("sync segment", &self.path))?;
         write_index(&self.shared.dir, self.base, self.seg_records, &self.index)?;
         let file = create_segment(&self.shared.dir, self.shared.partition.0, self.end)?;
         self.flusher = None;
@@ -254,8 +259,14 @@ impl Drop for FileWriter {
     }
 }
 
-fn spawn_flusher(file: &File, path: &std::path::Path, every: std::time::Duration) -> Result<Flusher, LogError> {
-    let file = file.try_clone().map_err(io_err("clone segment handle", path))?;
+fn spawn_flusher(
+    file: &File,
+    path: &std::path::Path,
+    every: std::time::Duration,
+) -> Result<Flusher, LogError> {
+    let file = file
+        .try_clone()
+        .map_err(io_err("clone segment handle", path))?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     let handle = std::thread::Builder::new()
@@ -316,8 +327,7 @@ fn check_contiguous(dir: &std::path::Path, bases: &[u64]) -> Result<(), LogError
                 let path = segment_path(dir, base);
                 let data = fs::read(&path).map_err(io_err("read segment", &path))?;
                 let s = scan(&data);
-                if let Recovery::Refuse { offset, reason } =
-                    recovery(&s, data.len() as u64, false)
+                if let Recovery::Refuse { offset, reason } = recovery(&s, data.len() as u64, false)
                 {
                     return Err(LogError::Corrupt {
                         path,
