@@ -11,7 +11,10 @@
 pub mod codec;
 pub mod config;
 pub mod decide;
+pub mod handler;
 pub mod log;
 pub mod record;
+pub mod registry;
+pub mod runtime;
 pub mod state;
 pub mod template;

@@ -1,0 +1,104 @@
+//! Adaptive step concurrency between a floor and a ceiling, from observed step
+//! latency and queue depth (a gradient limiter, as in Netflix's concurrency-limits):
+//! while work is queued and latency holds steady the limit grows; when latency rises
+//! above its long-run level (a downstream is saturating) the limit shrinks.
+
+/// The limiter's state. Pure: callers feed it samples.
+#[derive(Debug, Clone)]
+pub struct AdaptiveLimit {
+    min: usize,
+    max: usize,
+    limit: f64,
+    short_rtt: f64,
+    long_rtt: f64,
+    samples: u64,
+}
+
+/// Latency may rise this much over its long-run average before the limit shrinks.
+const TOLERANCE: f64 = 1.5;
+const UPDATE_EVERY: u64 = 16;
+
+impl AdaptiveLimit {
+    pub fn new(min: usize, max: usize) -> Self {
+        let min = min.max(1);
+        let max = max.max(min);
+        AdaptiveLimit {
+            min,
+            max,
+            limit: min as f64,
+            short_rtt: 0.0,
+            long_rtt: 0.0,
+            samples: 0,
+        }
+    }
+
+    pub fn current(&self) -> usize {
+        (self.limit.round() as usize).clamp(self.min, self.max)
+    }
+
+    /// Records one finished step's latency (µs) with `queued` steps waiting;
+    /// returns the new limit.
+    pub fn on_sample(&mut self, rtt_us: f64, queued: usize) -> usize {
+        let rtt = rtt_us.max(1.0);
+        if self.samples == 0 {
+            self.short_rtt = rtt;
+            self.long_rtt = rtt;
+        } else {
+            self.short_rtt = 0.9 * self.short_rtt + 0.1 * rtt;
+            self.long_rtt = 0.99 * self.long_rtt + 0.01 * rtt;
+        }
+        self.samples += 1;
+        if self.samples % UPDATE_EVERY != 0 {
+            return self.current();
+        }
+        // Let the long-run level drift down fast so a warm-up spike is forgotten.
+        if self.long_rtt > self.short_rtt * 2.0 {
+            self.long_rtt = 0.95 * self.long_rtt + 0.05 * self.short_rtt;
+        }
+        let gradient = (TOLERANCE * self.long_rtt / self.short_rtt).clamp(0.5, 1.0);
+        let headroom = if queued > 0 {
+            self.limit.sqrt().max(1.0)
+        } else {
+            0.0
+        };
+        let target = self.limit * gradient + headroom;
+        self.limit = (0.8 * self.limit + 0.2 * target).clamp(self.min as f64, self.max as f64);
+        self.current()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_under_queueing_with_steady_latency_and_shrinks_when_latency_climbs() {
+        let mut l = AdaptiveLimit::new(4, 200);
+        assert_eq!(l.current(), 4);
+        for _ in 0..5_000 {
+            l.on_sample(1_000.0, 100);
+        }
+        assert_eq!(
+            l.current(),
+            200,
+            "steady latency + queue grows to the ceiling"
+        );
+        let mut idle = AdaptiveLimit::new(4, 200);
+        for _ in 0..5_000 {
+            idle.on_sample(1_000.0, 0);
+        }
+        assert_eq!(idle.current(), 4, "no queue, no growth");
+        for i in 0..3_000 {
+            l.on_sample(1_000.0 * (1.0 + f64::from(i) / 50.0), 100);
+        }
+        assert!(
+            l.current() < 100,
+            "rising latency shrinks the limit: {}",
+            l.current()
+        );
+        for _ in 0..20_000 {
+            l.on_sample(1e9, 100);
+        }
+        assert!(l.current() >= 4);
+    }
+}
