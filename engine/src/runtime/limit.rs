@@ -16,7 +16,7 @@ pub struct AdaptiveLimit {
 
 /// Latency may rise this much over its long-run average before the limit shrinks.
 const TOLERANCE: f64 = 1.5;
-const UPDATE_EVERY: u64 = 16;
+const UPDATE_EVERY: u64 = 8;
 
 impl AdaptiveLimit {
     pub fn new(min: usize, max: usize) -> Self {
@@ -45,10 +45,10 @@ impl AdaptiveLimit {
             self.long_rtt = rtt;
         } else {
             self.short_rtt = 0.9 * self.short_rtt + 0.1 * rtt;
-            self.long_rtt = 0.99 * self.long_rtt + 0.01 * rtt;
+            self.long_rtt = 0.998 * self.long_rtt + 0.002 * rtt;
         }
         self.samples += 1;
-        if self.samples % UPDATE_EVERY != 0 {
+        if !self.samples.is_multiple_of(UPDATE_EVERY) {
             return self.current();
         }
         // Let the long-run level drift down fast so a warm-up spike is forgotten.
@@ -88,14 +88,20 @@ mod tests {
             idle.on_sample(1_000.0, 0);
         }
         assert_eq!(idle.current(), 4, "no queue, no growth");
-        for i in 0..3_000 {
-            l.on_sample(1_000.0 * (1.0 + f64::from(i) / 50.0), 100);
+        // A downstream saturates: latency jumps tenfold.
+        for _ in 0..300 {
+            l.on_sample(10_000.0, 100);
         }
         assert!(
             l.current() < 100,
-            "rising latency shrinks the limit: {}",
+            "a latency jump shrinks the limit: {}",
             l.current()
         );
+        // The new latency becomes the norm and the limit recovers.
+        for _ in 0..20_000 {
+            l.on_sample(10_000.0, 100);
+        }
+        assert_eq!(l.current(), 200, "steady again, it grows back");
         for _ in 0..20_000 {
             l.on_sample(1e9, 100);
         }

@@ -153,7 +153,7 @@ pub struct DigestReport {
 
 pub(crate) enum Inbox {
     Submit {
-        envelope: Envelope,
+        envelope: Box<Envelope>,
         reply: oneshot::Sender<Result<SubmitOutcome, SubmitError>>,
     },
     StepDone {
@@ -360,7 +360,7 @@ impl Engine {
             .ok_or(SubmitError::NotOwned(partition))?;
         let (tx, rx) = oneshot::channel();
         match runner.inbox.try_send(Inbox::Submit {
-            envelope,
+            envelope: Box::new(envelope),
             reply: tx,
         }) {
             Ok(()) => Ok(rx),

@@ -284,11 +284,8 @@ impl Processor {
     pub(crate) fn run(mut self, records: Receiver<ReaderMsg>) -> Result<(), ProcessorError> {
         let never = crossbeam_channel::never();
         loop {
-            let snapshot_due = self.snapshot_due();
-            let caught_up = self.read_pos >= self.appended_end;
             let timeout = self.next_wakeup();
-            // While a snapshot waits for the reader to catch up, take no new work.
-            let take_inbox = !(snapshot_due && !caught_up) && !self.shutting_down;
+            let take_inbox = self.accepting_work();
             crossbeam_channel::select! {
                 recv(records) -> msg => match msg {
                     Ok(msg) => self.on_reader(msg)?,
@@ -318,6 +315,12 @@ impl Processor {
         }
     }
 
+    /// New work waits while shutting down, and while a due snapshot waits for the
+    /// reader to catch up with this processor's appends.
+    fn accepting_work(&self) -> bool {
+        !self.shutting_down && (!self.snapshot_due() || self.read_pos >= self.appended_end)
+    }
+
     fn next_wakeup(&self) -> Duration {
         let mut wait = Duration::from_millis(250);
         if let Some(at) = self.timers.next_due() {
@@ -330,8 +333,7 @@ impl Processor {
     /// Takes whatever else is already waiting, up to the round's batch limit.
     fn drain(&mut self, records: &Receiver<ReaderMsg>) -> Result<(), ProcessorError> {
         let max = self.options.max_batch;
-        let take_inbox =
-            !self.shutting_down && !(self.snapshot_due() && self.read_pos < self.appended_end);
+        let take_inbox = self.accepting_work();
         loop {
             let full = self.round.events.len() + self.round.commands.len() >= max;
             let mut progressed = false;
@@ -360,7 +362,7 @@ impl Processor {
                     let _ = reply.send(Err(SubmitError::NotACommand));
                     return;
                 }
-                self.round.commands.push((envelope, Some(reply)));
+                self.round.commands.push((*envelope, Some(reply)));
             }
             Inbox::StepDone {
                 task,

@@ -143,10 +143,14 @@ impl TaskState {
         })
     }
 
-    /// The engine's readiness rule, shared with the SQL read model: pending (or in
-    /// error, retryable, attempts left and backoff elapsed at `now`) and every parent
-    /// complete or resolved. The first attempt is always eligible.
+    /// The engine's readiness rule, shared with the SQL read model: the task is
+    /// pending or in progress, the step is pending (or in error, retryable, attempts
+    /// left and backoff elapsed at `now`), and every parent is complete or resolved.
+    /// The first attempt is always eligible.
     pub fn is_step_ready(&self, step: StepId, now: Timestamp) -> bool {
+        if self.status.is_terminal() {
+            return false;
+        }
         let (Some(s), Some(spec)) = (self.step(step), self.dag.snapshot().step(step)) else {
             return false;
         };
@@ -173,6 +177,7 @@ impl TaskState {
             // A rejection changes nothing (the refused command was about this task).
             Event::TaskRejected(_) => Ok(()),
             Event::TaskStarted => {
+                self.require(TaskStatus::Pending, TaskStatus::InProgress)?;
                 self.transition(TaskStatus::InProgress)?;
                 self.started_at.get_or_insert(at);
                 Ok(())
@@ -182,6 +187,7 @@ impl TaskState {
             Event::TaskCancelled(_) => self.finish(TaskStatus::Cancelled, at),
             Event::TaskResolvedManually => self.finish(TaskStatus::ResolvedManually, at),
             Event::TaskRetried(_) => {
+                self.require(TaskStatus::Error, TaskStatus::InProgress)?;
                 self.transition(TaskStatus::InProgress)?;
                 self.finished_at = None;
                 Ok(())
@@ -251,6 +257,19 @@ impl TaskState {
                 step.finished_at = Some(at);
                 Ok(())
             }
+        }
+    }
+
+    /// Events that share a target status differ in where they may come from.
+    fn require(&self, from: TaskStatus, to: TaskStatus) -> Result<(), ApplyError> {
+        if self.status == from {
+            Ok(())
+        } else {
+            Err(ApplyError::IllegalTaskTransition {
+                task: self.id,
+                from: self.status,
+                to,
+            })
         }
     }
 

@@ -40,7 +40,7 @@ pub fn scan(data: &[u8]) -> ScanResult {
                 total,
                 end_of_batch,
             } => {
-                if records % INDEX_STRIDE == 0 {
+                if records.is_multiple_of(INDEX_STRIDE) {
                     index.push((records, off as u64));
                 }
                 records += 1;

@@ -221,7 +221,7 @@ impl LogWriter for FileWriter {
         let mut new_index = Vec::new();
         for (i, record) in batch.iter().enumerate() {
             let n = self.seg_records + i as u64;
-            if n % INDEX_STRIDE == 0 {
+            if n.is_multiple_of(INDEX_STRIDE) {
                 new_index.push((n, self.seg_len + self.buf.len() as u64));
             }
             encode_frame(record, i + 1 == batch.len(), &mut self.buf);

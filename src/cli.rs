@@ -1,0 +1,187 @@
+//! The command line: every subcommand and its arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tasker",
+    version,
+    about = "Workflow orchestration on an append-only event log",
+    long_about = "Tasker runs versioned workflow templates (DAGs of steps). Every state change \
+                  is an event in a log (embedded segment files by default, Kafka in production); \
+                  a deterministic engine folds the events into task and step state.\n\n\
+                  With no configuration everything lives under ./tasker-data."
+)]
+pub struct Cli {
+    /// Configuration file (default: ./tasker.toml if present).
+    #[arg(long, global = true, env = "TASKER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Overrides `data_dir` (log, snapshots, read model).
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the engine: processors, step executor and HTTP API, until Ctrl-C.
+    Run(RunArgs),
+    /// Request a task: `tasker submit shop/order@1.0.0 --context '{"order_id":1}'`.
+    Submit(SubmitArgs),
+    /// Show a task and its steps.
+    Status(StatusArgs),
+    /// Cancel a pending or running task.
+    Cancel(TaskCommandArgs),
+    /// Retry the failed steps of a task in error.
+    Retry(TaskCommandArgs),
+    /// Settle a failed step by hand.
+    Resolve(ResolveArgs),
+    /// List installed templates or check template files.
+    #[command(subcommand)]
+    Templates(TemplatesCommand),
+    /// Scaffold a template or a Rust step handler.
+    #[command(subcommand)]
+    New(NewCommand),
+    /// Run the bundled order workflow a few thousand times and summarize.
+    Demo(DemoArgs),
+    /// Measure throughput and latency on the embedded log.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// A directory of template YAML files (overrides `templates.dir`).
+    #[arg(long)]
+    pub templates: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// `namespace/name` or `namespace/name@version` (a version or semver requirement).
+    pub template: String,
+    /// The task's context: JSON text, or `@file.json`.
+    #[arg(long, default_value = "{}")]
+    pub context: String,
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    #[arg(long)]
+    pub initiator: Option<String>,
+    #[arg(long)]
+    pub reason: Option<String>,
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Wait until the task is terminal and print it (needs a running engine).
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The task id; omit with --digest to report every partition.
+    pub task: Option<String>,
+    /// Print each partition's state digest and hash-chain head (for audits).
+    #[arg(long)]
+    pub digest: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TaskCommandArgs {
+    pub task: String,
+    #[arg(long)]
+    pub reason: Option<String>,
+    #[arg(long = "by")]
+    pub requested_by: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ResolveArgs {
+    pub task: String,
+    /// The step's name.
+    pub step: String,
+    /// The result children receive instead of the handler's (JSON).
+    #[arg(long)]
+    pub result: Option<String>,
+    /// Also skip every step downstream of this one that has not run.
+    #[arg(long)]
+    pub skip_dependents: bool,
+    #[arg(long)]
+    pub reason: Option<String>,
+    #[arg(long = "by")]
+    pub resolved_by: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TemplatesCommand {
+    /// Templates the engine would load (bundled examples + `templates.dir`).
+    List,
+    /// Validate every template file in a directory (exit 1 on any error).
+    Check { dir: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NewCommand {
+    /// Write `<dir>/<namespace>/<name>.yaml`, a template that passes `templates check`.
+    Template {
+        /// `namespace/name`
+        name: String,
+        #[arg(long, default_value = "templates")]
+        dir: PathBuf,
+    },
+    /// Write `<dir>/<name>.rs`, a Rust `StepHandler` to register with the engine.
+    Handler {
+        name: String,
+        #[arg(long, default_value = "src/handlers")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// How many orders to run.
+    #[arg(long, default_value_t = 3000)]
+    pub tasks: usize,
+    /// Keep the demo's data here instead of a temporary directory.
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// A -> (B, C) -> D
+    Diamond,
+    /// 20 steps in a line
+    Chain20,
+    /// 1 -> 50 -> 1
+    Fanout,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value_t = Workload::Diamond)]
+    pub workload: Workload,
+    /// Run this template file as given instead of a built-in workload.
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    #[arg(long, default_value_t = 20_000)]
+    pub tasks: usize,
+    /// `batch` (group commit), `always`, `never` or `interval:<duration>`.
+    #[arg(long, default_value = "batch")]
+    pub fsync: String,
+    #[arg(long, default_value_t = 2)]
+    pub partitions: u32,
+    /// Offer tasks at this many per second (latency under load) instead of all at once.
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Context for each task (JSON).
+    #[arg(long, default_value = "{}")]
+    pub context: String,
+}

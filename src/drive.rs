@@ -1,0 +1,178 @@
+//! Driving an in-process engine with many tasks and timing each one from submit to
+//! its terminal event: shared by `tasker demo` and `tasker bench`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use tasker_engine::record::{Envelope, TaskId};
+use tasker_engine::runtime::{Engine, SubmitError, TaskObserver};
+use tasker_engine::state::{TaskState, TaskStatus};
+
+/// Sends every finished task's id and status, with the time it was seen.
+pub fn observer() -> (TaskObserver, Receiver<(TaskId, TaskStatus, Instant)>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let observer: TaskObserver = Arc::new(move |t: &TaskState| {
+        let _ = tx.send((t.id, t.status, Instant::now()));
+    });
+    (observer, rx)
+}
+
+/// What a run measured.
+#[derive(Debug)]
+pub struct Outcome {
+    pub elapsed: Duration,
+    /// Submit to terminal event, microseconds.
+    pub latency_us: Histogram<u64>,
+    pub statuses: HashMap<TaskStatus, usize>,
+    pub finished: Vec<TaskId>,
+    pub offered_rate: Option<f64>,
+}
+
+pub struct Driver<'a> {
+    engine: &'a Engine,
+    done: Receiver<(TaskId, TaskStatus, Instant)>,
+    started: HashMap<TaskId, Instant>,
+    outcome: Outcome,
+    progress: ProgressBar,
+}
+
+impl<'a> Driver<'a> {
+    pub fn new(
+        engine: &'a Engine,
+        done: Receiver<(TaskId, TaskStatus, Instant)>,
+        total: usize,
+        quiet: bool,
+    ) -> Self {
+        let progress = if quiet {
+            ProgressBar::hidden()
+        } else {
+            let pb = ProgressBar::new(total as u64);
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {bar:40} {pos}/{len} tasks finished  {per_sec}  eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            pb
+        };
+        Driver {
+            engine,
+            done,
+            started: HashMap::with_capacity(total),
+            outcome: Outcome {
+                elapsed: Duration::ZERO,
+                latency_us: tasker_engine::runtime::metrics::new_histogram(),
+                statuses: HashMap::new(),
+                finished: Vec::with_capacity(total),
+                offered_rate: None,
+            },
+            progress,
+        }
+    }
+
+    fn collect(&mut self) {
+        while let Ok((id, status, at)) = self.done.try_recv() {
+            self.record(id, status, at);
+        }
+    }
+
+    fn record(&mut self, id: TaskId, status: TaskStatus, at: Instant) {
+        if let Some(start) = self.started.remove(&id) {
+            let _ = self
+                .outcome
+                .latency_us
+                .record(at.saturating_duration_since(start).as_micros().max(1) as u64);
+            *self.outcome.statuses.entry(status).or_default() += 1;
+            self.outcome.finished.push(id);
+            self.progress.inc(1);
+        }
+    }
+
+    /// Submits one task, waiting out backpressure.
+    fn submit(&mut self, envelope: Envelope) -> anyhow::Result<()> {
+        let id = envelope.task_id;
+        self.started.insert(id, Instant::now());
+        loop {
+            match self.engine.submit(envelope.clone()) {
+                Ok(_answer) => return Ok(()),
+                Err(SubmitError::Overloaded(_)) => {
+                    self.collect();
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Submits every task (all at once, or paced at `rate` per second) and waits
+    /// until each is terminal.
+    pub fn run(
+        mut self,
+        tasks: Vec<Envelope>,
+        rate: Option<u64>,
+        timeout: Duration,
+    ) -> anyhow::Result<Outcome> {
+        let total = tasks.len();
+        let t0 = Instant::now();
+        match rate {
+            None => {
+                for env in tasks {
+                    self.submit(env)?;
+                }
+            }
+            Some(rate) => {
+                let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+                let mut next = t0;
+                for env in tasks {
+                    let now = Instant::now();
+                    if next > now {
+                        // Sleep in small slices so completions are timed promptly.
+                        self.collect();
+                        std::thread::sleep((next - now).min(Duration::from_millis(1)));
+                        while Instant::now() < next {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    self.submit(env)?;
+                    next += interval;
+                }
+                self.outcome.offered_rate = Some(total as f64 / t0.elapsed().as_secs_f64());
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        while self.outcome.finished.len() < total {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                anyhow::bail!(
+                    "{} of {total} tasks did not finish within {timeout:?}",
+                    total - self.outcome.finished.len()
+                );
+            }
+            if let Ok((id, status, at)) =
+                self.done.recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                self.record(id, status, at);
+            }
+        }
+        self.outcome.elapsed = t0.elapsed();
+        self.progress.finish_and_clear();
+        Ok(self.outcome)
+    }
+}
+
+/// Resident set size of this process in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,89 @@
+//! `tasker run`: the engine, its step executor and the HTTP API in one process,
+//! until Ctrl-C or SIGTERM (then a clean stop: rounds finish, snapshots are written).
+
+use std::sync::Arc;
+
+use tasker_engine::handler::HandlerRegistry;
+use tasker_engine::runtime::{Engine, EngineOptions};
+
+use crate::api;
+use crate::cli::{Cli, RunArgs};
+use crate::client::{RunInfo, run_info_path};
+use crate::failure::WithHint;
+use crate::wiring::Setup;
+
+pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
+    let setup = Setup::load(cli)?;
+    let handlers = Arc::new(HandlerRegistry::with_builtins());
+    let registry = setup.registry(handlers, args.templates.as_deref())?;
+    let _watch = setup
+        .config
+        .templates
+        .watch
+        .then(|| registry.watch(setup.resolved.watch_interval));
+    let log = setup.open_log()?;
+    let options = EngineOptions::from_config(&setup.config, &setup.resolved);
+    let engine = Arc::new(
+        Engine::start(Arc::clone(&log), Arc::clone(&registry), options, None)
+            .map_err(|e| anyhow::anyhow!(e))
+            .hint("see the error above; `tasker status <task>` reads the log without an engine")?,
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tasker-api")
+        .enable_all()
+        .build()?;
+    let bind = setup.resolved.bind;
+    let info_path = run_info_path(&setup.config.data_dir);
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(bind).await.hint(format!(
+            "api.bind {bind} is taken; set another with TASKER_API__BIND"
+        ))?;
+        let addr = listener.local_addr()?;
+        let info = RunInfo {
+            pid: std::process::id(),
+            api: format!("http://{addr}"),
+        };
+        std::fs::write(&info_path, serde_json::to_vec(&info)?)?;
+        let templates = registry.catalog().templates().count();
+        eprintln!(
+            "tasker running: {} | {templates} templates | API http://{addr} | Ctrl-C to stop",
+            log.describe()
+        );
+        let app = api::router(Arc::clone(&engine));
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+        anyhow::Ok(())
+    })?;
+    let _ = std::fs::remove_file(&info_path);
+    eprintln!("stopping: finishing rounds and writing snapshots");
+    match Arc::try_unwrap(engine) {
+        Ok(engine) => engine.shutdown(),
+        Err(shared) => drop(shared),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
