@@ -13,7 +13,7 @@ use tasker_engine::record::{
     CancelTask, Command, CorrelationId, Envelope, RawJson, RejectReason, RequestTask, ResolveStep,
     RetryTask, TaskId, Timestamp,
 };
-use tasker_engine::runtime::{Engine, SubmitError, SubmitOutcome};
+use tasker_engine::runtime::{Engine, SubmitError, SubmitOutcome, new_task_id};
 
 use crate::views::TaskJson;
 
@@ -197,7 +197,12 @@ pub struct CreateTask {
 
 async fn create_task(State(engine): State<Arc<Engine>>, Json(body): Json<CreateTask>) -> Response {
     let task_id = match body.task_id.as_deref().map(parse_id).transpose() {
-        Ok(id) => id.unwrap_or_else(TaskId::generate),
+        Ok(Some(id)) => id,
+        Ok(None) => new_task_id(
+            &body.namespace,
+            body.idempotency_key.as_deref(),
+            engine.log().partitions(),
+        ),
         Err(r) => return r.into_response(),
     };
     let correlation_id = body

@@ -12,7 +12,7 @@ use tasker_engine::record::{
     CancelTask, Command, CorrelationId, Envelope, Position, RawJson, RequestTask, ResolveStep,
     RetryTask, TaskId, Timestamp,
 };
-use tasker_engine::runtime::to_record;
+use tasker_engine::runtime::{new_task_id, to_record};
 use tasker_engine::state::State;
 
 use crate::cli::{Cli, ResolveArgs, StatusArgs, SubmitArgs, TaskCommandArgs};
@@ -103,7 +103,13 @@ pub fn submit(cli: &Cli, args: &SubmitArgs) -> anyhow::Result<()> {
         return Err(anyhow::anyhow!("--wait needs a running engine"))
             .hint("start `tasker run` first");
     }
-    let task_id = TaskId::generate();
+    let log = setup.open_log()?;
+    let task_id = new_task_id(
+        &request.namespace,
+        request.idempotency_key.as_deref(),
+        log.partitions(),
+    );
+    drop(log);
     let env = Envelope::command(
         task_id,
         CorrelationId::generate(),

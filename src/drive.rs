@@ -125,17 +125,13 @@ impl<'a> Driver<'a> {
                 }
             }
             Some(rate) => {
+                // Open-loop pacing: every millisecond, submit whatever is due by now.
                 let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
                 let mut next = t0;
                 for env in tasks {
-                    let now = Instant::now();
-                    if next > now {
-                        // Sleep in small slices so completions are timed promptly.
+                    while next > Instant::now() {
                         self.collect();
-                        std::thread::sleep((next - now).min(Duration::from_millis(1)));
-                        while Instant::now() < next {
-                            std::hint::spin_loop();
-                        }
+                        std::thread::sleep(Duration::from_millis(1).min(next - Instant::now()));
                     }
                     self.submit(env)?;
                     next += interval;

@@ -92,32 +92,10 @@ pub fn new_template(name: &str, dir: &Path) -> anyhow::Result<()> {
             .hint("pick another name or edit it");
     }
     std::fs::create_dir_all(path.parent().unwrap_or(dir))?;
-    let yaml = format!(
-        "# A Tasker workflow template. Check it with: tasker templates check {dir}\n\
-namespace: {ns}\n\
-name: {n}\n\
-version: 0.1.0\n\
-description: Describe what this workflow does.\n\
-# Every task's context must match this JSON Schema.\n\
-context_schema:\n\
-  type: object\n\
-  required: [id]\n\
-  properties:\n\
-    id: {{ type: integer }}\n\
-steps:\n\
-  - name: fetch\n\
-    handler: noop\n\
-  - name: transform\n\
-    handler: noop\n\
-    depends_on: [fetch]\n\
-    retry_limit: 3          # attempts, the first included\n\
-    timeout: 30s\n\
-    backoff: {{ initial: 1s, max: 5m }}\n\
-  - name: store\n\
-    handler: noop\n\
-    depends_on: [transform]\n",
-        dir = dir.display()
-    );
+    let yaml = TEMPLATE_YAML
+        .replace("{{DIR}}", &dir.display().to_string())
+        .replace("{{NS}}", ns)
+        .replace("{{NAME}}", n);
     std::fs::write(&path, yaml)?;
     println!("wrote {}", path.display());
     Ok(())
@@ -156,6 +134,32 @@ pub fn new_handler(name: &str, dir: &Path) -> anyhow::Result<()> {
     println!("register it: handlers.register(\"{name}\", {type_name}::default());");
     Ok(())
 }
+
+/// The scaffolded template.
+const TEMPLATE_YAML: &str = r#"# A Tasker workflow template. Check it with: tasker templates check {{DIR}}
+namespace: {{NS}}
+name: {{NAME}}
+version: 0.1.0
+description: Describe what this workflow does.
+# Every task's context must match this JSON Schema.
+context_schema:
+  type: object
+  required: [id]
+  properties:
+    id: { type: integer }
+steps:
+  - name: fetch
+    handler: noop
+  - name: transform
+    handler: noop
+    depends_on: [fetch]
+    retry_limit: 3          # attempts, the first included
+    timeout: 30s
+    backoff: { initial: 1s, max: 5m }
+  - name: store
+    handler: noop
+    depends_on: [transform]
+"#;
 
 /// The scaffolded handler; `tests/cli.rs` compiles it against the engine.
 pub const HANDLER_TEMPLATE: &str = r#"//! The `{{NAME}}` step handler.

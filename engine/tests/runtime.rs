@@ -14,7 +14,7 @@ use tasker_engine::record::{
 };
 use tasker_engine::registry::TemplateRegistry;
 use tasker_engine::runtime::{Engine, EngineOptions, SubmitOutcome};
-use tasker_engine::state::{State, StepStatus, TaskStatus};
+use tasker_engine::state::{HashChain, State, StepStatus, TaskStatus};
 use tempfile::TempDir;
 
 const DIAMOND: &str = "
@@ -127,20 +127,22 @@ fn wait_terminal(engine: &Engine, ids: &[TaskId], timeout: Duration) {
 }
 
 /// Folds the whole log of a partition from scratch.
-fn replay(log: &dyn Log, partition: PartitionId) -> (State, Vec<Envelope>) {
+fn replay(log: &dyn Log, partition: PartitionId) -> (State, HashChain, Vec<Envelope>) {
     let mut state = State::default();
+    let mut chain = HashChain::genesis(partition);
     let mut reader = log.reader(partition, Position(0)).unwrap();
     let end = log.end(partition).unwrap();
     let mut all = Vec::new();
     while reader.position() < end {
         for rec in reader.poll(10_000, Duration::from_millis(100)).unwrap() {
+            chain.push(&rec.record.payload);
             if let Ok(env) = codec::decode(&rec.record.payload) {
                 state.apply(&env);
                 all.push(env);
             }
         }
     }
-    (state, all)
+    (state, chain, all)
 }
 
 #[test]
@@ -179,13 +181,15 @@ fn runs_diamonds_to_completion_and_replay_matches_live_digest() {
     engine.shutdown();
     let log = h.log();
     for report in live {
-        let (state, events) = replay(&*log, report.partition);
+        let (state, chain, events) = replay(&*log, report.partition);
         assert_eq!(
             state.digest(),
             report.digest,
             "partition {}",
             report.partition
         );
+        assert_eq!(chain.head(), report.chain, "partition {}", report.partition);
+        assert_eq!(chain.count(), report.position.0);
         // exactly one step.completed per (task, step, attempt)
         let mut seen = std::collections::HashSet::new();
         for e in &events {

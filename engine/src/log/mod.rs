@@ -139,6 +139,13 @@ pub trait LogWriter: Send {
     /// Appends `batch` in order and makes it durable per the backend's policy before
     /// returning the position of each record.
     fn append(&mut self, batch: &[Record]) -> Result<Vec<Position>, LogError>;
+
+    /// True when nobody else can append while this writer lives (the file lock):
+    /// the next append starts exactly at the current end, and the partition holds
+    /// only what this writer appended since it opened.
+    fn exclusive(&self) -> bool {
+        false
+    }
 }
 
 /// Reads one partition in order.

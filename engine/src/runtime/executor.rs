@@ -7,6 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
+use futures_util::FutureExt;
 
 use super::Inbox;
 use super::limit::AdaptiveLimit;
@@ -145,28 +146,20 @@ fn dispatch(
     }
 }
 
-/// Runs one attempt with its timeout, turning panics and timeouts into errors.
+/// Runs one attempt with its timeout, turning panics and timeouts into errors
+/// (a timed-out handler future is dropped, which cancels it).
 async fn run(handler: Arc<dyn StepHandler>, ctx: StepContext) -> StepOutcome {
     let timeout = ctx.timeout;
-    let mut task = tokio::spawn(async move { handler.call(ctx).await });
-    match tokio::time::timeout(timeout, &mut task).await {
-        Err(_) => {
-            task.abort();
-            StepOutcome::Failed(StepError::timeout(timeout.as_millis() as u64))
-        }
-        Ok(Err(join)) => {
-            let message = if join.is_panic() {
-                let payload = join.into_panic();
-                let text = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic".into());
-                format!("handler panicked: {text}")
-            } else {
-                "handler task was cancelled".into()
-            };
-            StepOutcome::Failed(StepError::permanent(message))
+    let call = std::panic::AssertUnwindSafe(handler.call(ctx)).catch_unwind();
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => StepOutcome::Failed(StepError::timeout(timeout.as_millis() as u64)),
+        Ok(Err(payload)) => {
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic".into());
+            StepOutcome::Failed(StepError::permanent(format!("handler panicked: {text}")))
         }
         Ok(Ok(Ok(value))) => StepOutcome::Completed {
             result: RawJson::from_trusted(value.to_string()),

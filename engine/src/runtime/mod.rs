@@ -5,6 +5,7 @@
 
 mod encode;
 mod executor;
+mod ids;
 mod limit;
 pub mod metrics;
 mod processor;
@@ -23,9 +24,10 @@ use crossbeam_channel::{Sender, TrySendError};
 use tokio::sync::oneshot;
 
 pub use encode::to_record;
+pub use ids::{derive_task_id, new_task_id, partition_for_idempotency_key};
 pub use limit::AdaptiveLimit;
 pub use metrics::Metrics;
-pub use processor::{ProcessorError, derive_task_id};
+pub use processor::ProcessorError;
 pub use timers::Timers;
 pub use view::PartitionView;
 
@@ -519,6 +521,9 @@ impl Supervised {
     }
 
     fn run(&self, processor: Processor) -> Result<(), ProcessorError> {
+        if !processor.needs_reader() {
+            return processor.run(crossbeam_channel::never());
+        }
         let reader = self
             .log
             .reader(self.partition, processor.read_position())

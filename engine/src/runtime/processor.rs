@@ -18,8 +18,9 @@ use tokio::sync::oneshot;
 
 use super::encode::to_record;
 use super::executor::Job;
+use super::ids::derive_task_id;
 use super::metrics::Metrics;
-use super::snapshot::SnapshotStore;
+use super::snapshot::{SnapshotFile, SnapshotStore};
 use super::timers::Timers;
 use super::view::PartitionView;
 use super::{DigestReport, EngineOptions, Inbox, SubmitError, SubmitOutcome, TaskObserver};
@@ -32,7 +33,7 @@ use crate::record::{
     PartitionId, Position, RejectReason, StepId, TaskId, TaskRejected, Timestamp,
 };
 use crate::registry::TemplateRegistry;
-use crate::state::{Applied, HashChain, State, StepStatus, TaskStatus};
+use crate::state::{Applied, HashChain, State, StateSnapshot, StepStatus, TaskStatus};
 
 /// Why a processor stopped.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,9 @@ pub(crate) struct Processor {
     chain: HashChain,
     read_pos: Position,
     epoch: Epoch,
+    /// The writer is the only one (embedded log): commands are decided as they are
+    /// appended and nothing needs reading back.
+    exclusive: bool,
     /// Positions of records this processor appended (events, claims), not yet read back.
     own: VecDeque<Position>,
     appended_end: Position,
@@ -95,6 +99,7 @@ pub(crate) struct Processor {
     view: Arc<ArcSwap<PartitionView>>,
     view_tasks: imbl::HashMap<TaskId, Arc<crate::state::TaskState>>,
     snapshots: Option<SnapshotStore>,
+    snapshot_job: Option<std::thread::JoinHandle<()>>,
     events_since_snapshot: u64,
     last_snapshot: Instant,
     metrics: Arc<Metrics>,
@@ -153,6 +158,7 @@ impl Processor {
             chain,
             read_pos,
             epoch: Epoch(0),
+            exclusive: false,
             own: VecDeque::new(),
             appended_end: read_pos,
             registry,
@@ -164,6 +170,7 @@ impl Processor {
             view,
             view_tasks: imbl::HashMap::new(),
             snapshots,
+            snapshot_job: None,
             events_since_snapshot: 0,
             last_snapshot: Instant::now(),
             metrics,
@@ -176,6 +183,8 @@ impl Processor {
             shutting_down: false,
         };
         let unanswered = p.catch_up()?;
+        p.appended_end = p.read_pos;
+        p.exclusive = p.writer.exclusive();
         // Claim the partition: every older writer is fenced from here on.
         p.epoch = Epoch(p.state.epoch().0 + 1);
         let claim = Envelope {
@@ -275,6 +284,11 @@ impl Processor {
         }
     }
 
+    /// Whether the log needs reading back (shared logs) or not (exclusive writers).
+    pub(crate) fn needs_reader(&self) -> bool {
+        !self.exclusive
+    }
+
     /// The position the reader must continue from.
     pub(crate) fn read_position(&self) -> Position {
         self.read_pos
@@ -309,7 +323,7 @@ impl Processor {
             self.answer_digests();
             self.metrics.processor_inbox.set(self.inbox.len() as i64);
             if self.shutting_down && self.read_pos >= self.appended_end {
-                self.snapshot();
+                self.snapshot(true);
                 return Ok(());
             }
         }
@@ -362,7 +376,16 @@ impl Processor {
                     let _ = reply.send(Err(SubmitError::NotACommand));
                     return;
                 }
-                self.round.commands.push((*envelope, Some(reply)));
+                if self.exclusive {
+                    // This writer's next append starts at `appended_end`, commands first:
+                    // decide now, append the command with its answer in one batch.
+                    let position = Position(self.appended_end.0 + self.round.commands.len() as u64);
+                    self.waiting.insert(position, reply);
+                    self.decide_command(position, &envelope, now);
+                    self.round.commands.push((*envelope, None));
+                } else {
+                    self.round.commands.push((*envelope, Some(reply)));
+                }
             }
             Inbox::StepDone {
                 task,
@@ -420,7 +443,10 @@ impl Processor {
             }
             match rec.record.headers.kind {
                 Some(Kind::Event) => match codec::decode(&rec.record.payload) {
-                    Ok(env) => self.fold(&env),
+                    Ok(env) => {
+                        self.fold(&env);
+                        self.round.changed.insert(env.task_id);
+                    }
                     Err(_) => self.metrics.ignored_events.inc(),
                 },
                 Some(Kind::Control) => {
@@ -462,7 +488,7 @@ impl Processor {
             Ok(env) if matches!(env.body, Body::Command(_)) => env,
             Ok(env) => {
                 self.reject(
-                    rec,
+                    rec.position,
                     env.task_id,
                     Rejection::new(
                         RejectReason::Malformed,
@@ -485,7 +511,7 @@ impl Processor {
                     _ => RejectReason::Malformed,
                 };
                 self.reject(
-                    rec,
+                    rec.position,
                     task,
                     Rejection::new(reason, format!("undecodable record: {e}")),
                     None,
@@ -494,6 +520,12 @@ impl Processor {
                 return;
             }
         };
+        self.decide_command(rec.position, &envelope, now);
+    }
+
+    /// Decides a command at `position` (read from the log, or about to be appended
+    /// at that position by this exclusive writer).
+    fn decide_command(&mut self, position: Position, envelope: &Envelope, now: Timestamp) {
         let Body::Command(command) = &envelope.body else {
             return;
         };
@@ -507,7 +539,7 @@ impl Processor {
                     self.partition
                 ),
             );
-            self.reject(rec, task, r, Some(command.record_type()), now);
+            self.reject(position, task, r, Some(command.record_type()), now);
             return;
         }
         let resolution: Option<Resolution> = match command {
@@ -528,22 +560,22 @@ impl Processor {
                 } else {
                     self.correlation(task)
                 };
-                self.emit(task, corr, Some(rec.position), events, now);
+                self.emit(task, corr, Some(position), events, now);
                 let outcome = if accepted {
                     SubmitOutcome::Accepted {
                         task_id: task,
-                        position: rec.position,
+                        position: position,
                     }
                 } else {
                     SubmitOutcome::Applied {
                         task_id: task,
-                        position: rec.position,
+                        position: position,
                         events: n,
                     }
                 };
-                self.round.replies.push((rec.position, outcome));
+                self.round.replies.push((position, outcome));
             }
-            Err(r) => self.reject(rec, task, r, Some(command.record_type()), now),
+            Err(r) => self.reject(position, task, r, Some(command.record_type()), now),
         }
     }
 
@@ -576,17 +608,17 @@ impl Processor {
 
     fn reject(
         &mut self,
-        rec: &StoredRecord,
+        position: Position,
         task: TaskId,
         r: Rejection,
         command: Option<crate::record::RecordType>,
         now: Timestamp,
     ) {
         self.metrics.reject(r.reason.code());
-        tracing::debug!(partition = %self.partition, position = %rec.position, %task, reason = r.reason.code(), message = %r.message, "command rejected");
+        tracing::debug!(partition = %self.partition, position = %position, %task, reason = r.reason.code(), message = %r.message, "command rejected");
         let outcome = SubmitOutcome::Rejected {
             task_id: task,
-            position: rec.position,
+            position: position,
             reason: r.reason.clone(),
             message: r.message.clone(),
             details: r.details.clone(),
@@ -598,8 +630,8 @@ impl Processor {
             details: r.details,
         });
         let corr = self.correlation(task);
-        self.emit(task, corr, Some(rec.position), vec![event], now);
-        self.round.replies.push((rec.position, outcome));
+        self.emit(task, corr, Some(position), vec![event], now);
+        self.round.replies.push((position, outcome));
     }
 
     fn correlation(&self, task: TaskId) -> CorrelationId {
@@ -744,14 +776,37 @@ impl Processor {
             .record(records.len() as u64);
         self.metrics.records_appended.add(records.len() as u64);
         let n_cmd = round.commands.len();
+        if self.exclusive {
+            let expected = (0..positions.len() as u64).map(|i| Position(self.appended_end.0 + i));
+            if !positions.iter().copied().eq(expected) {
+                return Err(ProcessorError::Log {
+                    partition: self.partition,
+                    source: LogError::Config(format!(
+                        "the exclusive writer appended at {:?}.., expected {}",
+                        positions.first(),
+                        self.appended_end
+                    )),
+                });
+            }
+            // Nobody else writes: the log is exactly what was just appended.
+            for record in &records {
+                self.chain.push(&record.payload);
+            }
+            self.metrics.records_read.add(records.len() as u64);
+        }
         for ((_, reply), pos) in round.commands.into_iter().zip(&positions) {
             if let Some(reply) = reply {
                 self.waiting.insert(*pos, reply);
             }
         }
-        self.own.extend(positions[n_cmd..].iter().copied());
+        if !self.exclusive {
+            self.own.extend(positions[n_cmd..].iter().copied());
+        }
         if let Some(last) = positions.last() {
             self.appended_end = self.appended_end.max(last.next());
+            if self.exclusive {
+                self.read_pos = self.appended_end;
+            }
         }
         self.events_since_snapshot += (positions.len() - n_cmd) as u64;
         // Publish first, so a client that gets its answer also sees its effect.
@@ -889,23 +944,65 @@ impl Processor {
 
     fn maybe_snapshot(&mut self) {
         if self.snapshot_due() && self.read_pos >= self.appended_end {
-            self.snapshot();
+            self.snapshot(false);
         }
     }
 
-    /// Writes a snapshot if the state is exactly the fold of the log read so far.
-    fn snapshot(&mut self) {
-        let Some(store) = &self.snapshots else { return };
+    /// Snapshots the state if it is exactly the fold of the log read so far. The
+    /// tasks come from the published view (a persistent map, so taking it is O(1))
+    /// and are encoded and written on a background thread; `wait` writes in line.
+    fn snapshot(&mut self, wait: bool) {
+        let Some(store) = self.snapshots.clone() else {
+            return;
+        };
         if self.read_pos < self.appended_end || self.events_since_snapshot == 0 {
             return;
         }
-        match store.write(self.partition, self.read_pos, self.chain, &self.state) {
-            Ok(path) => {
-                self.metrics.snapshots_written.inc();
-                tracing::debug!(partition = %self.partition, file = %path.display(), "snapshot written");
+        if let Some(job) = self.snapshot_job.take() {
+            if !job.is_finished() && !wait {
+                self.snapshot_job = Some(job);
+                return;
             }
-            Err(e) => {
-                tracing::error!(partition = %self.partition, error = %e, "snapshot failed; will retry")
+            let _ = job.join();
+        }
+        let (partition, position, chain) = (self.partition, self.read_pos, self.chain);
+        let metrics = Arc::clone(&self.metrics);
+        let write = move |file: SnapshotFile| match store.write(file) {
+            Ok(path) => {
+                metrics.snapshots_written.inc();
+                tracing::debug!(%partition, file = %path.display(), "snapshot written");
+            }
+            Err(e) => tracing::error!(%partition, error = %e, "snapshot failed; will retry"),
+        };
+        let meta = self.state.snapshot_meta();
+        if wait || self.view_tasks.len() != self.state.task_count() {
+            write(SnapshotFile {
+                partition,
+                position,
+                chain,
+                digest: self.state.digest(),
+                state: self.state.to_snapshot(),
+            });
+        } else {
+            let tasks = self.view_tasks.clone();
+            let job = std::thread::Builder::new()
+                .name(format!("tasker-snap{}", partition.0))
+                .spawn(move || {
+                    let digest = meta.digest(tasks.values().map(|t| &**t));
+                    let state = StateSnapshot::from_tasks(tasks.values().map(|t| &**t), meta);
+                    write(SnapshotFile {
+                        partition,
+                        position,
+                        chain,
+                        digest,
+                        state,
+                    });
+                });
+            match job {
+                Ok(handle) => self.snapshot_job = Some(handle),
+                Err(e) => {
+                    tracing::error!(%partition, error = %e, "cannot start the snapshot thread")
+                }
             }
         }
         self.events_since_snapshot = 0;
@@ -929,32 +1026,6 @@ impl Processor {
             let _ = w.send(report.clone());
         }
     }
-}
-
-/// A task id for a JSON `task.requested` that came without one: derived from the
-/// record's place in the log (so replays agree) and chosen to belong to this
-/// partition (so the task's later commands route here).
-pub fn derive_task_id(
-    partition: PartitionId,
-    partitions: u32,
-    position: Position,
-    at: Timestamp,
-) -> TaskId {
-    let mut id = TaskId::NIL;
-    for counter in 0u64..100_000 {
-        let mut h = blake3::Hasher::new();
-        h.update(b"tasker.derived-task-id");
-        h.update(&partition.0.to_le_bytes());
-        h.update(&position.0.to_le_bytes());
-        h.update(&counter.to_le_bytes());
-        let mut bits = [0u8; 16];
-        bits.copy_from_slice(&h.finalize().as_bytes()[..16]);
-        id = TaskId::v7(at, u128::from_le_bytes(bits));
-        if partition_for_task(id, partitions) == partition {
-            break;
-        }
-    }
-    id
 }
 
 /// Forwards log records to a processor until it goes away.

@@ -61,20 +61,25 @@ impl SnapshotStore {
     }
 
     /// Writes a snapshot of `state` at `position` durably, then prunes old ones.
-    pub fn write(
+    pub fn write_state(
         &self,
         partition: PartitionId,
         position: Position,
         chain: HashChain,
         state: &State,
     ) -> Result<PathBuf, SnapshotError> {
-        let file = SnapshotFile {
+        self.write(SnapshotFile {
             partition,
             position,
             chain,
             digest: state.digest(),
             state: state.to_snapshot(),
-        };
+        })
+    }
+
+    /// Writes a snapshot file durably, then prunes old ones.
+    pub fn write(&self, file: SnapshotFile) -> Result<PathBuf, SnapshotError> {
+        let (partition, position) = (file.partition, file.position);
         let dir = self.partition_dir(partition);
         let io = |op, path: &Path| {
             let path = path.to_owned();

@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 pub use chain::HashChain;
 pub use dag::Dag;
 pub use digest::{Digest, DigestSum};
-pub use snapshot::StateSnapshot;
+pub use snapshot::{SnapshotMeta, StateSnapshot};
 pub use step::{StepState, StepStatus};
 pub use task::{TaskState, TaskStatus};
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::State;
 use super::dag::Dag;
-use super::digest::DigestSum;
+use super::digest::{Digest, DigestSum};
 use super::step::StepState;
 use super::task::{TaskState, TaskStatus};
 use crate::record::{
@@ -49,16 +49,40 @@ impl StateSnapshot {
     }
 }
 
-impl State {
-    /// The state as a snapshot (tasks sorted by id, so equal states give equal bytes).
-    pub fn to_snapshot(&self) -> StateSnapshot {
+/// A partition's scalars, taken cheaply so the (expensive) snapshot of the tasks
+/// can be built elsewhere from a persistent copy of them.
+#[derive(Clone, Debug)]
+pub struct SnapshotMeta {
+    epoch: Epoch,
+    answered: Option<Position>,
+    clock: Timestamp,
+    retention_ms: u64,
+    evictions: Vec<(Timestamp, TaskId)>,
+    archived: DigestSum,
+}
+
+impl SnapshotMeta {
+    /// The digest of a state with these scalars and these tasks (equal to
+    /// [`State::digest`] when `tasks` are the state's tasks).
+    pub fn digest<'a>(&self, tasks: impl Iterator<Item = &'a TaskState>) -> Digest {
+        let mut sum = self.archived;
+        for task in tasks {
+            sum.add(&super::digest::task_hash(task, task.dag.hash()));
+        }
+        super::digest::finish(sum, self.epoch, self.answered)
+    }
+}
+
+impl StateSnapshot {
+    /// Builds a snapshot from tasks and scalars (tasks sorted by id, so equal states
+    /// give equal bytes).
+    pub fn from_tasks<'a>(tasks: impl Iterator<Item = &'a TaskState>, meta: SnapshotMeta) -> Self {
         let mut templates: Vec<Arc<TemplateSnapshot>> = Vec::new();
         let mut index: FxHashMap<*const Dag, u32> = FxHashMap::default();
-        let mut ids: Vec<&TaskId> = self.tasks.keys().collect();
-        ids.sort();
-        let tasks = ids
+        let mut tasks: Vec<&TaskState> = tasks.collect();
+        tasks.sort_by_key(|t| t.id);
+        let tasks = tasks
             .into_iter()
-            .filter_map(|id| self.tasks.get(id))
             .map(|t| {
                 let template = *index.entry(Arc::as_ptr(&t.dag)).or_insert_with(|| {
                     templates.push(Arc::clone(t.dag.shared_snapshot()));
@@ -80,6 +104,19 @@ impl State {
         StateSnapshot {
             templates,
             tasks,
+            epoch: meta.epoch,
+            answered: meta.answered,
+            clock: meta.clock,
+            retention_ms: meta.retention_ms,
+            evictions: meta.evictions,
+            archived: meta.archived,
+        }
+    }
+}
+
+impl State {
+    pub fn snapshot_meta(&self) -> SnapshotMeta {
+        SnapshotMeta {
             epoch: self.epoch,
             answered: self.answered,
             clock: self.clock,
@@ -87,6 +124,11 @@ impl State {
             evictions: self.evictions.iter().copied().collect(),
             archived: self.archived,
         }
+    }
+
+    /// The state as a snapshot.
+    pub fn to_snapshot(&self) -> StateSnapshot {
+        StateSnapshot::from_tasks(self.tasks.values(), self.snapshot_meta())
     }
 
     /// Rebuilds a state from a snapshot; `None` if it is inconsistent (a task names

@@ -197,6 +197,10 @@ impl LogWriter for FileWriter {
         self.shared.partition
     }
 
+    fn exclusive(&self) -> bool {
+        true
+    }
+
     fn append(&mut self, batch: &[Record]) -> Result<Vec<Position>, LogError> {
         if let Some(why) = &self.poisoned {
             return Err(LogError::Corrupt {
