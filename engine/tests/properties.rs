@@ -570,8 +570,13 @@ impl<'a> Sim<'a> {
         self.chain.push(&bytes);
         self.heads.push(self.chain);
         self.log.push(bytes);
-        if matches!(env.body, Body::Event(_)) {
+        if let Body::Event(event) = &env.body {
             self.coverage.events += 1;
+            match event {
+                Event::StepStarted(_) => self.coverage.started += 1,
+                Event::StepFailed(_) => self.coverage.failed += 1,
+                _ => {}
+            }
         }
         Ok(position)
     }
@@ -598,11 +603,6 @@ impl<'a> Sim<'a> {
         };
         self.cut = keep < total;
         for event in events.into_iter().take(keep) {
-            match &event {
-                Event::StepStarted(_) => self.coverage.started += 1,
-                Event::StepFailed(_) => self.coverage.failed += 1,
-                _ => {}
-            }
             self.append(Envelope {
                 task_id: task,
                 correlation_id,
