@@ -2,9 +2,12 @@
 //! random step outcomes, retry timers and operator commands, all derived from
 //! proptest-generated values) drives `decide` and the fold; its log is checked
 //! record by record against an independent model, then replayed from its bytes.
+//! Like the runtime, the simulated engine starts ready steps itself with
+//! `Input::StartStep`, some or all of them at a time, so ready steps sometimes wait.
 //!
 //! A failure prints the minimal failing `Scenario` (its `seed` drives everything
-//! else) and proptest stores it under `proptest-regressions/`, so it replays.
+//! else) and proptest stores its seed in `properties.proptest-regressions`, so it
+//! replays.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -470,6 +473,9 @@ struct Coverage {
     stale_rejected: usize,
     crashes: usize,
     reconciled: usize,
+    /// `StartStep` batches, and ticks that left ready steps waiting.
+    starts: usize,
+    waited: usize,
 }
 
 struct Sim<'a> {
@@ -582,21 +588,31 @@ impl<'a> Sim<'a> {
     }
 
     /// Appends the events `decide` returned for `task`, answering `source`; in crash
-    /// scenarios sometimes only a prefix of them, followed by a restart.
+    /// scenarios sometimes only a prefix of them, followed by a restart. Only a
+    /// `StartStep` (`starts`) may start anything.
     fn append_events(
         &mut self,
         task: TaskId,
         correlation_id: CorrelationId,
         source: Option<Position>,
         events: Vec<Event>,
-        cuttable: bool,
+        starts: bool,
     ) -> Result<(), TestCaseError> {
         prop_assert!(
             !events.is_empty(),
             "decide accepted an input and decided nothing"
         );
+        if !starts {
+            prop_assert!(
+                !events
+                    .iter()
+                    .any(|e| matches!(e, Event::StepStarted(_) | Event::TaskStarted)),
+                "decide started something by itself: {:?}",
+                events
+            );
+        }
         let total = events.len();
-        let keep = if cuttable && self.scenario.crashes && total > 1 && self.rng.chance(10) {
+        let keep = if self.scenario.crashes && total > 1 && self.rng.chance(10) {
             1 + self.rng.below(total - 1)
         } else {
             total
@@ -648,6 +664,14 @@ impl<'a> Sim<'a> {
             .map_err(|r| TestCaseError::fail(format!("reconcile of {task} refused: {r}")))?;
         if !events.is_empty() {
             self.coverage.reconciled += 1;
+            prop_assert!(
+                !events
+                    .iter()
+                    .any(|e| matches!(e, Event::StepStarted(_) | Event::TaskStarted)),
+                "reconcile of {} started something: {:?}",
+                task,
+                events
+            );
             for event in events {
                 self.append(Envelope {
                     task_id: task,
@@ -711,15 +735,30 @@ impl<'a> Sim<'a> {
             prop_assert_eq!(s.attempts, m.attempts, "task {} step {} attempts", id, i);
             prop_assert_eq!(s.retry_at, m.retry_at, "task {} step {} retry_at", id, i);
         }
-        if task.status == TaskStatus::InProgress {
+        if task.status == TaskStatus::Pending {
+            prop_assert!(
+                task.steps
+                    .iter()
+                    .all(|s| s.status == StepStatus::Pending && s.attempts == 0),
+                "task {} is pending with steps that moved; its log:\n{}",
+                id,
+                self.history(id)
+            );
+        }
+        if matches!(task.status, TaskStatus::Pending | TaskStatus::InProgress) {
+            // Never stuck: something runs, waits for its retry, or can be started.
             let in_flight = task
                 .steps
                 .iter()
                 .any(|s| s.status == StepStatus::InProgress || s.is_awaiting_retry());
+            let startable = task.dag.step_ids().any(|s| {
+                task.steps[s.index()].status == StepStatus::Pending && task.parents_satisfied(s)
+            });
             prop_assert!(
-                in_flight,
-                "task {} is in progress with nothing running or waiting; steps {:?}; its log:\n{}",
+                in_flight || startable,
+                "task {} is {} with nothing running, waiting or ready; steps {:?}; its log:\n{}",
                 id,
+                task.status.as_str(),
                 task.dag
                     .step_ids()
                     .map(|s| format!(
@@ -731,16 +770,8 @@ impl<'a> Sim<'a> {
                     .collect::<Vec<_>>(),
                 self.history(id)
             );
-            for step in task.dag.step_ids() {
-                prop_assert!(
-                    !(task.steps[step.index()].status == StepStatus::Pending
-                        && task.parents_satisfied(step)),
-                    "task {} step {} is ready but was not started",
-                    id,
-                    step
-                );
-            }
         }
+        self.check_starts(id)?;
         if task.status == TaskStatus::Error {
             prop_assert!(
                 task.steps.iter().any(|s| s.is_terminal_error()),
@@ -754,6 +785,72 @@ impl<'a> Sim<'a> {
                     .iter()
                     .any(|s| s.status == StepStatus::InProgress)
             );
+        }
+        Ok(())
+    }
+
+    /// `StartStep` is accepted exactly for the steps `TaskState::is_step_ready` calls
+    /// ready (a ready step in error first needs its due `step.retry_due`), and a
+    /// start decides exactly `[task.started if the task is pending, step.started]`
+    /// with the next attempt.
+    fn check_starts(&self, id: TaskId) -> Result<(), TestCaseError> {
+        let Some(task) = self.state.task(&id) else {
+            return Ok(());
+        };
+        let now = self.at();
+        for step in task.dag.step_ids() {
+            let ready = task.is_step_ready(step, now);
+            let s = &task.steps[step.index()];
+            let start = decide(&self.state, Input::StartStep { task: id, step }, now);
+            if ready && s.status == StepStatus::Error {
+                prop_assert_eq!(
+                    start.map_err(|r| r.reason),
+                    Err(RejectReason::StaleAttempt),
+                    "task {} step {} started in error",
+                    id,
+                    step
+                );
+                let due = decide(&self.state, Input::RetryDue { task: id, step }, now);
+                prop_assert!(
+                    matches!(due.as_deref(), Ok([Event::StepRetryDue(r)]) if r.step == step && !r.reset_attempts),
+                    "task {} step {} is ready in error but its retry is refused: {:?}",
+                    id,
+                    step,
+                    due
+                );
+                continue;
+            }
+            match start {
+                Ok(events) => {
+                    prop_assert!(
+                        ready,
+                        "task {} ({}) step {} ({}) is not ready, yet StartStep started it",
+                        id,
+                        task.status.as_str(),
+                        step,
+                        s.status.as_str()
+                    );
+                    let mut expected = Vec::new();
+                    if task.status == TaskStatus::Pending {
+                        expected.push(Event::TaskStarted);
+                    }
+                    expected.push(Event::StepStarted(tasker_engine::record::StepStarted {
+                        step,
+                        attempt: s.attempts + 1,
+                    }));
+                    prop_assert_eq!(events, expected, "StartStep of task {} step {}", id, step);
+                }
+                Err(r) => {
+                    prop_assert!(
+                        !ready,
+                        "task {} step {} is ready, yet StartStep refused it: {}",
+                        id,
+                        step,
+                        r
+                    );
+                    prop_assert_eq!(r.reason, RejectReason::StaleAttempt);
+                }
+            }
         }
         Ok(())
     }
@@ -779,11 +876,7 @@ impl<'a> Sim<'a> {
         };
         match decide(&self.state, input, self.at()) {
             Ok(events) => {
-                // KNOWN ENGINE GAP (see `reconcile_finishes_a_cut_short_cancel`):
-                // `Reconcile` cannot finish a cancel or a `skip_dependents` cascade, so
-                // crashes never cut those batches here.
-                let cuttable = !matches!(command, Command::CancelTask(_) | Command::ResolveStep(_));
-                self.append_events(task, correlation_id, Some(position), events, cuttable)?;
+                self.append_events(task, correlation_id, Some(position), events, false)?;
                 Ok(Ok(()))
             }
             Err(Rejection {
@@ -816,7 +909,8 @@ impl<'a> Sim<'a> {
         let events = decide(&self.state, input, self.at())
             .map_err(|r| TestCaseError::fail(format!("valid {input:?} refused: {r}")))?;
         let correlation_id = self.correlation(task);
-        self.append_events(task, correlation_id, None, events, true)
+        let starts = matches!(input, Input::StartStep { .. });
+        self.append_events(task, correlation_id, None, events, starts)
     }
 
     fn correlation(&self, task: TaskId) -> CorrelationId {
@@ -876,6 +970,38 @@ impl<'a> Sim<'a> {
             .map(|(id, _)| *id)
             .filter(|id| self.state.task(id).is_some_and(|t| t.status == status))
             .collect()
+    }
+
+    /// The runtime has room for some of the ready steps: starts a seed-chosen number
+    /// of them (at least one), in a seed-chosen order.
+    fn start_some(&mut self, mut ready: Vec<(TaskId, StepId)>) -> Result<(), TestCaseError> {
+        for i in (1..ready.len()).rev() {
+            let j = self.rng.below(i + 1);
+            ready.swap(i, j);
+        }
+        let n = if self.rng.chance(40) {
+            ready.len()
+        } else {
+            1 + self.rng.below(ready.len())
+        };
+        for (task, step) in ready.into_iter().take(n) {
+            // Starting one step never makes another one unready.
+            prop_assert!(
+                self.state
+                    .task(&task)
+                    .is_some_and(|t| t.is_step_ready(step, self.at())),
+                "task {} step {} stopped being ready when another step started",
+                task,
+                step
+            );
+            self.coverage.starts += 1;
+            self.internal(Input::StartStep { task, step })?;
+            if self.cut {
+                // The restarted engine finds ready steps again on its next tick.
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Feeds the outcome of one running attempt.
@@ -957,6 +1083,15 @@ impl<'a> Sim<'a> {
                 self.at(),
             );
             prop_assert_eq!(r.map_err(|r| r.reason), Err(RejectReason::UnknownTask));
+            let r = decide(
+                &self.state,
+                Input::StartStep {
+                    task,
+                    step: StepId(0),
+                },
+                self.at(),
+            );
+            prop_assert_eq!(r.map_err(|r| r.reason), Err(RejectReason::UnknownTask));
             return Ok(());
         };
         let step = StepId(self.rng.below(t.steps.len()) as u32);
@@ -989,6 +1124,13 @@ impl<'a> Sim<'a> {
             let r = decide(&self.state, Input::RetryDue { task, step }, self.at());
             prop_assert_eq!(r.map_err(|r| r.reason), Err(RejectReason::StaleAttempt));
         }
+        // A start the runtime queued before the step moved on.
+        let startable =
+            !t.status.is_terminal() && s.status == StepStatus::Pending && t.parents_satisfied(step);
+        if !startable {
+            let r = decide(&self.state, Input::StartStep { task, step }, self.at());
+            prop_assert_eq!(r.map_err(|r| r.reason), Err(RejectReason::StaleAttempt));
+        }
         self.coverage.stale_rejected += 1;
         Ok(())
     }
@@ -1009,9 +1151,7 @@ impl<'a> Sim<'a> {
             Some(TaskStatus::Pending | TaskStatus::InProgress) => {
                 prop_assert_eq!(outcome, Ok(()), "cancel of a running task refused");
                 self.coverage.cancels += 1;
-                if self.cut {
-                    return Ok(());
-                }
+                // A cancel cut short by a crash was finished by the restart's reconcile.
                 let t = &self.model.tasks[&task];
                 prop_assert_eq!(t.status, TaskStatus::Cancelled);
                 prop_assert!(
@@ -1162,6 +1302,21 @@ impl<'a> Sim<'a> {
                     && s.status == StepStatus::Error
                     && s.retry_at.is_some_and(|at| at <= now)
             });
+            let ready = self.steps_where(|t, s| {
+                matches!(t, TaskStatus::Pending | TaskStatus::InProgress)
+                    && s.status == StepStatus::Pending
+            });
+            let ready: Vec<(TaskId, StepId)> = ready
+                .into_iter()
+                .filter(|(t, s)| self.state.task(t).is_some_and(|t| t.is_step_ready(*s, now)))
+                .collect();
+            if !ready.is_empty() {
+                if (running.is_empty() && due.is_empty()) || self.rng.chance(35) {
+                    self.start_some(ready)?;
+                    continue;
+                }
+                self.coverage.waited += 1;
+            }
             let (running_pick, due_pick) = (self.rng.pick(&running), self.rng.pick(&due));
             if let Some((task, step)) =
                 due_pick.filter(|_| running.is_empty() || self.rng.chance(30))
@@ -1365,7 +1520,15 @@ proptest! {
         sim.check_replay()?;
         sim.check_chain()?;
         let c = sim.coverage;
-        prop_assert!(c.events > 0 && c.started > 0, "nothing happened: {:?}", c);
+        // Steps start when the engine gets to them, so a task may be cancelled first.
+        let all_cancelled_before_starting = sim.model.tasks.values().all(|t| {
+            t.status == TaskStatus::Cancelled && t.steps.iter().all(|s| s.attempts == 0)
+        });
+        prop_assert!(
+            c.events > 0 && (c.started > 0 || all_cancelled_before_starting),
+            "nothing happened: {:?}",
+            c
+        );
     }
 
 }
@@ -1533,18 +1696,27 @@ fn fixed_template(index: usize, parents: &[&[u32]]) -> TemplateSnapshot {
     t
 }
 
-// A crash that cuts a cancel or a `skip_dependents` resolve after its first events
-// (possible wherever a batch is not atomic, e.g. on Kafka) leaves a task that
-// `Reconcile` does not finish: it stays `in_progress` with nothing running, ready or
-// failed, forever, and the command counts as answered so it is never decided again.
-// The simulation above does not cut these batches until this is fixed.
+/// Starts `steps` of `task`, each in its own `StartStep` batch.
+fn start(state: &mut State, task: TaskId, steps: &[u32], now: u64) {
+    for &i in steps {
+        let input = Input::StartStep {
+            task,
+            step: StepId(i),
+        };
+        step(state, task, input, usize::MAX, now);
+    }
+}
+
+// A crash can cut a cancel or a `skip_dependents` resolve after its first events
+// (wherever a batch is not atomic, e.g. on Kafka); the command then counts as
+// answered, so only `Reconcile` can finish what it started.
 
 #[test]
-#[ignore = "engine bug: Reconcile does not finish a cancel cut short by a crash"]
 fn reconcile_finishes_a_cut_short_cancel() {
     // s0 and s1 both run; the cancel's batch loses all but its first event.
     let mut state = State::default();
     let task = requested(&mut state, fixed_template(0, &[&[], &[]]));
+    start(&mut state, task, &[0, 1], 1);
     let cancel = Command::CancelTask(CancelTask::default());
     let input = Input::Command {
         task,
@@ -1556,7 +1728,16 @@ fn reconcile_finishes_a_cut_short_cancel() {
         3,
         "2 x step.cancelled, task.cancelled"
     );
-    step(&mut state, task, Input::Reconcile { task }, usize::MAX, 6);
+    assert_eq!(
+        step(&mut state, task, Input::Reconcile { task }, usize::MAX, 6),
+        2,
+        "step.cancelled, task.cancelled"
+    );
+    let t = state.task(&task).unwrap();
+    let steps: Vec<StepStatus> = t.steps.iter().map(|s| s.status).collect();
+    assert_eq!(t.status, TaskStatus::Cancelled, "steps {steps:?}");
+    assert_eq!(steps, [StepStatus::Cancelled, StepStatus::Cancelled]);
+    // s1's late result is stale, and there is nothing left to reconcile
     let done = StepOutcome::Completed {
         result: RawJson::null(),
     };
@@ -1566,21 +1747,21 @@ fn reconcile_finishes_a_cut_short_cancel() {
         attempt: 1,
         outcome: &done,
     };
-    step(&mut state, task, input, usize::MAX, 7);
-    step(&mut state, task, Input::Reconcile { task }, usize::MAX, 8);
-    let t = state.task(&task).unwrap();
-    let steps: Vec<StepStatus> = t.steps.iter().map(|s| s.status).collect();
-    // Today: InProgress with steps [Cancelled, Complete].
-    assert_eq!(t.status, TaskStatus::Cancelled, "steps {steps:?}");
+    let late = decide(&state, input, Timestamp(START_MS + 7)).map_err(|r| r.reason);
+    assert_eq!(late, Err(RejectReason::StaleAttempt));
+    assert_eq!(
+        step(&mut state, task, Input::Reconcile { task }, usize::MAX, 8),
+        0
+    );
 }
 
 #[test]
-#[ignore = "engine bug: Reconcile does not finish a skip_dependents cascade cut short by a crash"]
 fn reconcile_finishes_a_cut_short_skip() {
     // s2 <- s0, s3 <- s2; s1 runs on. s0 fails and is resolved with skip_dependents;
     // the batch keeps `step.resolved_manually(s0)` and `step.skipped(s2)` only.
     let mut state = State::default();
     let task = requested(&mut state, fixed_template(1, &[&[], &[], &[0], &[2]]));
+    start(&mut state, task, &[0, 1], 1);
     let flaky = StepOutcome::Failed(StepError::retryable("flaky"));
     let input = Input::StepFinished {
         task,
@@ -1604,7 +1785,11 @@ fn reconcile_finishes_a_cut_short_skip() {
         3,
         "resolved, 2 x skipped"
     );
-    step(&mut state, task, Input::Reconcile { task }, usize::MAX, 3);
+    assert_eq!(
+        step(&mut state, task, Input::Reconcile { task }, usize::MAX, 3),
+        1,
+        "step.skipped(s3)"
+    );
     let done = StepOutcome::Completed {
         result: RawJson::null(),
     };
@@ -1615,15 +1800,25 @@ fn reconcile_finishes_a_cut_short_skip() {
         outcome: &done,
     };
     step(&mut state, task, input, usize::MAX, 4);
-    step(&mut state, task, Input::Reconcile { task }, usize::MAX, 5);
+    assert_eq!(
+        step(&mut state, task, Input::Reconcile { task }, usize::MAX, 5),
+        0
+    );
     let t = state.task(&task).unwrap();
     let steps: Vec<StepStatus> = t.steps.iter().map(|s| s.status).collect();
-    // Today: InProgress with steps [ResolvedManually, Complete, Skipped, Pending].
     assert_eq!(t.status, TaskStatus::Complete, "steps {steps:?}");
+    assert_eq!(
+        steps,
+        [
+            StepStatus::ResolvedManually,
+            StepStatus::Complete,
+            StepStatus::Skipped,
+            StepStatus::Skipped
+        ]
+    );
 }
 
 #[test]
-#[ignore = "engine bug: a task id requested again after its task left memory is accepted twice, so the digest depends on retention"]
 fn digest_does_not_depend_on_retention_when_a_task_id_comes_back() {
     // Live engine with 1 ms retention: the task finishes, leaves memory, and a
     // client sends `task.requested` with the same id again.
@@ -1646,6 +1841,13 @@ fn digest_does_not_depend_on_retention_when_a_task_id_comes_back() {
                 task,
                 command: &request,
                 resolution: Some(&dag),
+            },
+        ),
+        (
+            task,
+            Input::StartStep {
+                task,
+                step: StepId(0),
             },
         ),
         (
@@ -1689,11 +1891,17 @@ fn digest_does_not_depend_on_retention_when_a_task_id_comes_back() {
             log.push(codec::encode(&env).unwrap());
         }
     }
+    assert_eq!(live.stats().evicted, 1, "the first task left memory");
     let mut replay = State::default();
     for bytes in &log {
         let applied = replay.apply(&codec::decode(bytes).unwrap());
-        // Today: `Anomaly(DuplicateTask(..))` for the second `task.accepted`.
         assert_eq!(applied, Applied::Event);
     }
+    assert_eq!(
+        replay.stats().evicted,
+        0,
+        "nothing left memory by retention"
+    );
     assert_eq!(replay.digest(), live.digest());
+    assert_eq!(replay.task_count(), live.task_count());
 }

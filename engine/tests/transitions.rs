@@ -6,6 +6,12 @@
 //! `.then_rejected(reason)`. `given` folds its events with `State::apply` (each
 //! must be legal); `then_events` checks `decide`'s answer, folds it too (each event
 //! must apply) and returns the new `Given`, so scenarios chain.
+//!
+//! `decide` never starts a step by itself: the runtime starts ready steps with
+//! `Input::StartStep` when it has room, so scenarios start them explicitly
+//! (`.when(start(step))`, or `.start_ready([...])` for every ready step). After
+//! every batch, `StartStep` must be accepted exactly for the steps
+//! `TaskState::is_step_ready` calls ready.
 
 // Test code: clippy.toml's allow-*-in-tests covers `#[test]` functions only, not
 // the helpers of an integration-test crate.
@@ -73,6 +79,18 @@ steps:
   - { name: a, handler: noop }
   - { name: c, handler: noop, depends_on: [a] }
   - { name: b, handler: noop, depends_on: [a] }
+"#;
+
+/// a -> b -> c, and z on its own.
+const FORK: &str = r#"
+namespace: shop
+name: fork
+version: 1.0.0
+steps:
+  - { name: a, handler: noop }
+  - { name: b, handler: noop, depends_on: [a] }
+  - { name: c, handler: noop, depends_on: [b] }
+  - { name: z, handler: noop }
 "#;
 
 /// Two independent roots.
@@ -163,6 +181,14 @@ fn skipped(step: StepId, because: &str) -> Event {
     })
 }
 
+/// `step.skipped` as skip propagation writes it.
+fn skipped_after(step: StepId, parent: &str) -> Event {
+    Event::StepSkipped(StepSkipped {
+        step,
+        reason: format!("parent `{parent}` was skipped"),
+    })
+}
+
 fn step_cancelled(step: StepId) -> Event {
     Event::StepCancelled(StepCancelled { step })
 }
@@ -197,6 +223,23 @@ fn task_retried() -> Event {
     })
 }
 
+/// `task.cancelled` as `Reconcile` writes it to finish a cut-short cancel.
+fn task_cancelled_by_reconcile() -> Event {
+    Event::TaskCancelled(TaskCancelled {
+        requested_by: None,
+        reason: Some("completing a cancellation interrupted by a crash".into()),
+    })
+}
+
+/// `task.retried` as `Reconcile` writes it for a failed task whose failures were
+/// all resolved.
+fn task_retried_by_reconcile() -> Event {
+    Event::TaskRetried(TaskRetried {
+        requested_by: None,
+        reason: Some("failed steps resolved".into()),
+    })
+}
+
 /// `task.retried` as resolving step `name` writes it.
 fn task_retried_by_resolving(name: &str) -> Event {
     Event::TaskRetried(TaskRetried {
@@ -216,6 +259,12 @@ enum When {
         outcome: StepOutcome,
     },
     RetryDue(StepId),
+    Start(StepId),
+    Reconcile,
+}
+
+fn start(step: StepId) -> When {
+    When::Start(step)
 }
 
 fn command(command: Command, resolution: Option<Resolution>) -> When {
@@ -315,6 +364,7 @@ fn given(events: impl IntoIterator<Item = Event>) -> Given {
             "given event #{i} does not fold: {event:?}"
         );
     }
+    assert_starts_exactly_the_ready_steps(&g);
     g
 }
 
@@ -386,8 +436,32 @@ impl Given {
             given: self,
             task,
             result,
+            starts: matches!(input, When::Start(_)),
             input: format!("{input:?}"),
         }
+    }
+
+    /// Starts every step `is_step_ready` calls ready, in step order, one
+    /// `StartStep` each, after checking that they are exactly `expected`.
+    #[track_caller]
+    fn start_ready<const N: usize>(self, expected: [StepId; N]) -> Given {
+        let task = self.task();
+        let ready: Vec<StepId> = task
+            .dag
+            .step_ids()
+            .filter(|s| task.is_step_ready(*s, self.now))
+            .collect();
+        assert_eq!(ready, expected, "the ready steps");
+        let mut g = self;
+        for step in ready {
+            let mut events = Vec::new();
+            if g.task().status == TaskStatus::Pending {
+                events.push(Event::TaskStarted);
+            }
+            events.push(started(step, g.step(step).attempts + 1));
+            g = g.when(start(step)).then_events(events);
+        }
+        g
     }
 
     fn decide(&self, task: TaskId, input: &When) -> Result<Vec<Event>, Rejection> {
@@ -408,6 +482,8 @@ impl Given {
                 outcome,
             },
             When::RetryDue(step) => Input::RetryDue { task, step: *step },
+            When::Start(step) => Input::StartStep { task, step: *step },
+            When::Reconcile => Input::Reconcile { task },
         };
         decide::decide(&self.state, input, self.now)
     }
@@ -417,12 +493,14 @@ struct Then {
     given: Given,
     task: TaskId,
     result: Result<Vec<Event>, Rejection>,
+    /// The input was `StartStep`, the only one that may start anything.
+    starts: bool,
     input: String,
 }
 
 impl Then {
-    /// `decide` answered exactly `expected`; they fold, and the steps they start are
-    /// exactly those `TaskState::is_step_ready` calls ready.
+    /// `decide` answered exactly `expected`; they fold, and afterwards `StartStep`
+    /// is accepted exactly for the steps `TaskState::is_step_ready` calls ready.
     #[track_caller]
     fn then_events(self, expected: impl IntoIterator<Item = Event>) -> Given {
         let expected: Vec<Event> = expected.into_iter().collect();
@@ -439,7 +517,15 @@ impl Then {
             Ok(events) => events,
             Err(r) => panic!("when {}: expected events, got rejection {r}", self.input),
         };
-        assert_starts_exactly_the_ready_steps(&self.given, self.task, &events);
+        if !self.starts {
+            assert!(
+                !events
+                    .iter()
+                    .any(|e| matches!(e, Event::StepStarted(_) | Event::TaskStarted)),
+                "when {}: decide started something by itself: {events:?}",
+                self.input
+            );
+        }
         let mut given = self.given;
         for (i, event) in events.iter().enumerate() {
             let applied = given.fold_for(self.task, event);
@@ -449,6 +535,7 @@ impl Then {
                 "decided event #{i} does not fold: {event:?}"
             );
         }
+        assert_starts_exactly_the_ready_steps(&given);
         (events, given)
     }
 
@@ -462,58 +549,116 @@ impl Then {
     }
 }
 
-/// Readiness as `decide` sees it (the steps a batch starts) equals readiness as
-/// `TaskState::is_step_ready` sees it, in the state just before the starts.
+/// Readiness as `StartStep` sees it equals readiness as `TaskState::is_step_ready`
+/// sees it, for every step of every task: a ready pending step starts (deciding
+/// exactly `[task.started if the task is pending, step.started(attempts + 1)]`,
+/// which folds), every other step is refused as stale. A ready step in error (its
+/// backoff elapsed) is not started directly: its `step.retry_due` comes first, then
+/// it starts like any pending step.
 #[track_caller]
-fn assert_starts_exactly_the_ready_steps(before: &Given, task: TaskId, events: &[Event]) {
-    let started: BTreeSet<StepId> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::StepStarted(s) => Some(s.step),
-            _ => None,
-        })
-        .collect();
-    if started.is_empty() {
-        return;
+fn assert_starts_exactly_the_ready_steps(g: &Given) {
+    for task in g.state.tasks() {
+        let id = task.id;
+        for step in task.dag.step_ids() {
+            let ready = task.is_step_ready(step, g.now);
+            let s = task.step(step).unwrap();
+            let decided = decide::decide(&g.state, Input::StartStep { task: id, step }, g.now);
+            if ready && s.status == StepStatus::Error {
+                assert_eq!(
+                    decided.map_err(|r| r.reason),
+                    Err(RejectReason::StaleAttempt),
+                    "step {step} in error started before its retry was due"
+                );
+                let mut after = g.clone();
+                let due = decide::decide(&after.state, Input::RetryDue { task: id, step }, g.now)
+                    .unwrap_or_else(|r| panic!("ready step {step} in error: retry refused: {r}"));
+                assert_eq!(due, [retry_due(step, false)]);
+                assert_eq!(after.fold_for(id, &due[0]), Applied::Event);
+                let start =
+                    decide::decide(&after.state, Input::StartStep { task: id, step }, g.now);
+                assert_eq!(start, Ok(vec![started(step, s.attempts + 1)]));
+                continue;
+            }
+            match decided {
+                Ok(events) => {
+                    assert!(
+                        ready,
+                        "StartStep started step {step} ({}) of task {id} ({}), which \
+                         is_step_ready calls not ready",
+                        s.status.as_str(),
+                        task.status.as_str()
+                    );
+                    let mut expected = Vec::new();
+                    if task.status == TaskStatus::Pending {
+                        expected.push(Event::TaskStarted);
+                    }
+                    expected.push(started(step, s.attempts + 1));
+                    assert_eq!(events, expected, "StartStep of step {step}");
+                    let mut after = g.clone();
+                    for event in &events {
+                        assert_eq!(after.fold_for(id, event), Applied::Event, "{event:?}");
+                    }
+                }
+                Err(r) => {
+                    assert!(
+                        !ready,
+                        "step {step} of task {id} is ready but StartStep refused it: {r}"
+                    );
+                    assert_eq!(r.reason, RejectReason::StaleAttempt, "{}", r.message);
+                }
+            }
+        }
     }
-    let mut g = before.clone();
-    for event in events
-        .iter()
-        .filter(|e| !matches!(e, Event::StepStarted(_)))
-    {
-        assert_eq!(g.fold_for(task, event), Applied::Event, "{event:?}");
-    }
-    let task = g.state.task(&task).unwrap();
-    let ready: BTreeSet<StepId> = task
-        .dag
-        .step_ids()
-        .filter(|s| task.is_step_ready(*s, g.now))
-        .collect();
-    assert_eq!(
-        ready, started,
-        "is_step_ready disagrees with the steps decide started"
-    );
 }
 
 // ---- task transitions through decide ----
 
 #[test]
-fn request_accepts_and_starts_the_task_and_its_root_steps() {
+fn request_accepts_the_task_and_starts_nothing() {
     let t = template(DIAMOND);
     let [a, b, c, d] = ids(&t, ["a", "b", "c", "d"]);
-    let g = given([]).when(requested(&t)).then_events([
-        accepted(&t),
-        Event::TaskStarted,
-        started(a, 1),
-    ]);
+    let g = given([]).when(requested(&t)).then_events([accepted(&t)]);
     let task = g.task();
-    assert_eq!(task.status, TaskStatus::InProgress);
-    assert_eq!(task.started_at, Some(ts(0)));
-    assert_eq!(g.step(a).status, StepStatus::InProgress);
-    assert_eq!(g.step(a).attempts, 1);
-    for s in [b, c, d] {
+    assert_eq!(task.status, TaskStatus::Pending);
+    assert_eq!(task.accepted_at, ts(0));
+    assert_eq!(task.started_at, None);
+    assert!(task.is_step_ready(a, ts(0)), "the root is ready");
+    for s in [a, b, c, d] {
         assert_eq!(g.step(s).status, StepStatus::Pending);
+        assert_eq!(g.step(s).attempts, 0);
+    }
+    for s in [b, c, d] {
         assert!(!task.is_step_ready(s, ts(0)));
+    }
+    // reconciling does not start it either: starting is the runtime's decision
+    let g = g.when(When::Reconcile).then_events([]);
+    assert_eq!(g.task().status, TaskStatus::Pending);
+}
+
+#[test]
+fn starting_the_first_step_starts_the_task() {
+    let t = template(PAIR);
+    let [x, y] = ids(&t, ["x", "y"]);
+    let g = given([])
+        .when(requested(&t))
+        .then_events([accepted(&t)])
+        .at(5)
+        .when(start(y))
+        .then_events([Event::TaskStarted, started(y, 1)]);
+    assert_eq!(g.task().status, TaskStatus::InProgress);
+    assert_eq!(g.task().started_at, Some(ts(5)));
+    assert_eq!(g.step(y).status, StepStatus::InProgress);
+    assert_eq!(g.step(y).attempts, 1);
+    assert_eq!(g.step(y).started_at, Some(ts(5)));
+    // the second start finds the task running
+    let g = g.at(8).when(start(x)).then_events([started(x, 1)]);
+    assert_eq!(g.task().started_at, Some(ts(5)));
+    assert_eq!(g.step(x).started_at, Some(ts(8)));
+    // a step is started once
+    for s in [x, y] {
+        g.clone()
+            .when(start(s))
+            .then_rejected(RejectReason::StaleAttempt);
     }
 }
 
@@ -524,9 +669,12 @@ fn completing_every_step_completes_the_task() {
     let g = given([accepted(&t), Event::TaskStarted, started(a, 1)])
         .at(10)
         .when(succeeds(a, 1))
-        .then_events([completed(a, 1), started(b, 1)])
+        .then_events([completed(a, 1)])
+        .start_ready([b])
         .when(report("b", 1, StepOutcome::Completed { result: result() }))
-        .then_events([completed(b, 1), started(c, 1)])
+        .then_events([completed(b, 1)])
+        .when(start(c))
+        .then_events([started(c, 1)])
         .at(20)
         .when(succeeds(c, 1))
         .then_events([completed(c, 1), Event::TaskCompleted]);
@@ -637,12 +785,15 @@ fn retry_gives_terminally_failed_steps_fresh_attempts() {
         !g.task().is_step_ready(a, ts(1_000_000)),
         "no attempts left"
     );
-    let g =
-        g.at(60_000)
-            .when(retry())
-            .then_events([task_retried(), retry_due(a, true), started(a, 1)]);
+    let g = g
+        .at(60_000)
+        .when(retry())
+        .then_events([task_retried(), retry_due(a, true)]);
     assert_eq!(g.task().status, TaskStatus::InProgress);
     assert_eq!(g.task().finished_at, None);
+    assert_eq!(g.step(a).status, StepStatus::Pending);
+    assert_eq!(g.step(a).attempts, 0);
+    let g = g.when(start(a)).then_events([started(a, 1)]);
     assert_eq!(g.step(a).attempts, 1);
     // and the fresh attempts obey the retry policy again
     g.when(fails(a, 1, retryable())).then_ok();
@@ -700,10 +851,12 @@ fn resolving_a_failed_step_runs_its_children_again() {
         task_failed(&[a]),
     ])
     .when(resolve("a", false))
-    .then_events([resolved(a), task_retried_by_resolving("a"), started(b, 1)]);
+    .then_events([resolved(a), task_retried_by_resolving("a")]);
     assert_eq!(g.task().status, TaskStatus::InProgress);
     assert_eq!(g.step(a).status, StepStatus::ResolvedManually);
     assert_eq!(g.step(a).result, Some(RawJson::null()));
+    assert_eq!(g.step(b).status, StepStatus::Pending);
+    g.when(start(b)).then_events([started(b, 1)]);
 }
 
 #[test]
@@ -755,7 +908,8 @@ fn skip_dependents_skips_pending_descendants_and_resolves_the_task() {
     let [a, b, c, d] = ids(&t, ["a", "b", "c", "d"]);
     let g = given([accepted(&t), Event::TaskStarted, started(a, 1)])
         .when(succeeds(a, 1))
-        .then_events([completed(a, 1), started(c, 1), started(b, 1)])
+        .then_events([completed(a, 1)])
+        .start_ready([c, b])
         .when(fails(b, 1, permanent()))
         .then_events([failed(b, 1, permanent(), None)])
         .when(succeeds(c, 1))
@@ -835,7 +989,8 @@ fn resolve_is_refused_for_steps_not_in_error_and_unknown_names() {
         .then_ok()
         .1
         .when(resolve("a", false))
-        .then_events([resolved(a), started(b, 1)])
+        .then_events([resolved(a)])
+        .start_ready([b])
         .at(1_000_000)
         .when(When::RetryDue(a))
         .then_rejected(RejectReason::StaleAttempt);
@@ -866,7 +1021,8 @@ fn stale_or_unknown_step_results_are_refused() {
     let done = g
         .clone()
         .when(succeeds(a, 1))
-        .then_events([completed(a, 1), started(b, 1)]);
+        .then_events([completed(a, 1)])
+        .start_ready([b]);
     done.clone()
         .when(succeeds(a, 1))
         .then_rejected(RejectReason::StaleAttempt);
@@ -908,9 +1064,15 @@ fn a_retry_timer_before_retry_at_is_refused() {
         .then_rejected(RejectReason::StaleAttempt)
         .at_time(at)
         .when(When::RetryDue(a))
-        .then_events([retry_due(a, false), started(a, 2)]);
+        .then_events([retry_due(a, false)]);
     assert_eq!(g.step(a).retry_at, None);
-    // fired twice: the step is no longer waiting
+    assert_eq!(g.step(a).status, StepStatus::Pending);
+    // fired twice: the step is no longer waiting, whether or not it started again
+    let g = g
+        .when(When::RetryDue(a))
+        .then_rejected(RejectReason::StaleAttempt)
+        .when(start(a))
+        .then_events([started(a, 2)]);
     g.when(When::RetryDue(a))
         .then_rejected(RejectReason::StaleAttempt);
 }
@@ -927,6 +1089,8 @@ fn inputs_for_an_unknown_task_are_refused() {
         report("a", 1, StepOutcome::Failed(permanent())),
         succeeds(a, 1),
         When::RetryDue(a),
+        start(a),
+        When::Reconcile,
     ] {
         g.clone()
             .when_for(OTHER, input)
@@ -993,11 +1157,11 @@ fn retry_at_of(events: &[Event]) -> Option<Timestamp> {
 fn backoff_grows_exponentially_within_jitter_and_is_capped_until_the_last_attempt() {
     let t = template(&SINGLE.replace("handler: noop", "handler: noop\n    retry_limit: 12"));
     let [a] = ids(&t, ["a"]);
-    let mut g = given([]).when(requested(&t)).then_events([
-        accepted(&t),
-        Event::TaskStarted,
-        started(a, 1),
-    ]);
+    let mut g = given([])
+        .when(requested(&t))
+        .then_events([accepted(&t)])
+        .when(start(a))
+        .then_events([Event::TaskStarted, started(a, 1)]);
     for attempt in 1..12u32 {
         let now = g.now;
         let (events, next) = g.when(fails(a, attempt, retryable())).then_ok();
@@ -1021,7 +1185,9 @@ fn backoff_grows_exponentially_within_jitter_and_is_capped_until_the_last_attemp
         g = next
             .at_time(at)
             .when(When::RetryDue(a))
-            .then_events([retry_due(a, false), started(a, attempt + 1)])
+            .then_events([retry_due(a, false)])
+            .when(start(a))
+            .then_events([started(a, attempt + 1)])
             .at_time(Timestamp::from_millis(at.as_millis() + 5));
     }
     // the 12th attempt is the last allowed one
@@ -1042,14 +1208,16 @@ fn the_last_allowed_attempt_fails_terminally() {
     let (events, g) = g
         .at_time(at)
         .when(When::RetryDue(a))
-        .then_ok()
-        .1
+        .then_events([retry_due(a, false)])
+        .start_ready([a])
         .when(fails(a, 2, retryable()))
         .then_ok();
     let at = retry_at_of(&events).unwrap();
     g.at_time(at)
         .when(When::RetryDue(a))
-        .then_events([retry_due(a, false), started(a, 3)])
+        .then_events([retry_due(a, false)])
+        .when(start(a))
+        .then_events([started(a, 3)])
         .when(fails(a, 3, retryable()))
         .then_events([failed(a, 3, retryable(), None), task_failed(&[a])]);
 }
@@ -1102,9 +1270,11 @@ fn a_child_starts_only_when_every_parent_is_complete_or_resolved() {
     let [a, b, c, d] = ids(&t, ["a", "b", "c", "d"]);
     let g = given([])
         .when(requested(&t))
-        .then_events([accepted(&t), Event::TaskStarted, started(a, 1)])
+        .then_events([accepted(&t)])
+        .start_ready([a])
         .when(succeeds(a, 1))
-        .then_events([completed(a, 1), started(c, 1), started(b, 1)])
+        .then_events([completed(a, 1)])
+        .start_ready([c, b])
         .when(succeeds(b, 1))
         .then_events([completed(b, 1)]);
     assert!(!g.task().is_step_ready(d, g.now), "c is still in progress");
@@ -1118,13 +1288,12 @@ fn a_child_starts_only_when_every_parent_is_complete_or_resolved() {
         "an errored parent blocks"
     );
     // a resolved parent satisfies the child like a completed one
-    let g = g.when(resolve("c", false)).then_events([
-        resolved(c),
-        task_retried_by_resolving("c"),
-        started(d, 1),
-    ]);
+    let g = g
+        .when(resolve("c", false))
+        .then_events([resolved(c), task_retried_by_resolving("c")]);
     assert!(g.task().parents_satisfied(d));
-    g.when(succeeds(d, 1))
+    g.start_ready([d])
+        .when(succeeds(d, 1))
         .then_events([completed(d, 1), Event::TaskCompleted]);
 }
 
@@ -1146,8 +1315,11 @@ fn a_step_resolved_in_a_running_task_waits_for_the_other_parents() {
     .then_events([resolved(b)]);
     assert_eq!(g.task().status, TaskStatus::InProgress);
     assert!(!g.task().is_step_ready(d, g.now));
-    g.when(succeeds(c, 1))
-        .then_events([completed(c, 1), started(d, 1)]);
+    g.when(start(d))
+        .then_rejected(RejectReason::StaleAttempt)
+        .when(succeeds(c, 1))
+        .then_events([completed(c, 1)])
+        .start_ready([d]);
 }
 
 #[test]
@@ -1174,13 +1346,15 @@ fn a_task_fails_only_when_nothing_runs_waits_for_a_retry_or_can_start() {
     let (events, g) = g
         .at_time(at)
         .when(When::RetryDue(y))
-        .then_events([retry_due(y, false), started(y, 2)])
+        .then_events([retry_due(y, false)])
+        .start_ready([y])
         .when(fails(y, 2, retryable()))
         .then_ok();
     let at = retry_at_of(&events).unwrap();
     g.at_time(at)
         .when(When::RetryDue(y))
-        .then_events([retry_due(y, false), started(y, 3)])
+        .then_events([retry_due(y, false)])
+        .start_ready([y])
         .when(fails(y, 3, retryable()))
         .then_events([failed(y, 3, retryable(), None), task_failed(&[x, y])]);
 
@@ -1195,6 +1369,428 @@ fn a_task_fails_only_when_nothing_runs_waits_for_a_retry_or_can_start() {
         .1
         .when(succeeds(y, 1))
         .then_events([completed(y, 1), task_failed(&[x])]);
+}
+
+// ---- starting steps ----
+
+#[test]
+fn start_step_is_refused_unless_the_step_is_pending() {
+    let t = template(SINGLE);
+    let [a] = ids(&t, ["a"]);
+    for status in StepStatus::ALL {
+        let g = given(step_history(&t, a, status));
+        assert_eq!(g.task().status, TaskStatus::InProgress);
+        assert_eq!(g.step(a).status, status);
+        if status == StepStatus::Pending {
+            g.when(start(a)).then_events([started(a, 1)]);
+        } else {
+            g.when(start(a)).then_rejected(RejectReason::StaleAttempt);
+        }
+    }
+    // in terminal error, in a task that has not failed yet
+    given([
+        accepted(&t),
+        Event::TaskStarted,
+        started(a, 1),
+        failed(a, 1, permanent(), None),
+    ])
+    .when(start(a))
+    .then_rejected(RejectReason::StaleAttempt);
+    // a step the task does not have
+    given(step_history(&t, a, StepStatus::Pending))
+        .when(start(StepId(7)))
+        .then_rejected(RejectReason::StaleAttempt);
+}
+
+#[test]
+fn a_step_whose_backoff_elapsed_is_ready_but_starts_only_after_its_retry_is_due() {
+    let t = template(PAIR);
+    let [x, y] = ids(&t, ["x", "y"]);
+    let (events, g) = given([
+        accepted(&t),
+        Event::TaskStarted,
+        started(x, 1),
+        started(y, 1),
+    ])
+    .when(fails(x, 1, retryable()))
+    .then_ok();
+    let at = retry_at_of(&events).unwrap();
+    // a batch decided after x's backoff elapsed: x is ready (in error)
+    let g = g
+        .at_time(at)
+        .when(succeeds(y, 1))
+        .then_events([completed(y, 1)]);
+    assert!(g.task().is_step_ready(x, g.now));
+    assert_eq!(g.step(x).status, StepStatus::Error);
+    g.when(start(x))
+        .then_rejected(RejectReason::StaleAttempt)
+        .when(When::RetryDue(x))
+        .then_events([retry_due(x, false)])
+        .start_ready([x])
+        .when(succeeds(x, 2))
+        .then_events([completed(x, 2), Event::TaskCompleted]);
+}
+
+#[test]
+fn start_step_waits_for_every_parent_to_be_complete_or_resolved() {
+    let t = template(DIAMOND);
+    let [a, b, c, d] = ids(&t, ["a", "b", "c", "d"]);
+    // a running: nothing below it starts
+    let g = given([accepted(&t), Event::TaskStarted, started(a, 1)]);
+    for s in [b, c, d] {
+        g.clone()
+            .when(start(s))
+            .then_rejected(RejectReason::StaleAttempt);
+    }
+    // b complete, c running: d waits
+    let g = g
+        .when(succeeds(a, 1))
+        .then_events([completed(a, 1)])
+        .start_ready([c, b])
+        .when(succeeds(b, 1))
+        .then_events([completed(b, 1)]);
+    g.clone()
+        .when(start(d))
+        .then_rejected(RejectReason::StaleAttempt);
+    // c awaiting its retry: d waits
+    let (events, g) = g.when(fails(c, 1, retryable())).then_ok();
+    assert_eq!(events.len(), 1, "{events:?}");
+    g.clone()
+        .when(start(d))
+        .then_rejected(RejectReason::StaleAttempt);
+    // c pending again: d still waits
+    let g = g
+        .at_time(retry_at_of(&events).unwrap())
+        .when(When::RetryDue(c))
+        .then_events([retry_due(c, false)]);
+    g.clone()
+        .when(start(d))
+        .then_rejected(RejectReason::StaleAttempt);
+    // c failed for good: the task fails, d cannot start
+    let g = g
+        .start_ready([c])
+        .when(fails(c, 2, permanent()))
+        .then_events([failed(c, 2, permanent(), None), task_failed(&[c])]);
+    g.clone()
+        .when(start(d))
+        .then_rejected(RejectReason::StaleAttempt);
+    // c resolved by hand: d starts
+    g.when(resolve("c", false))
+        .then_events([resolved(c), task_retried_by_resolving("c")])
+        .when(start(d))
+        .then_events([started(d, 1)]);
+}
+
+#[test]
+fn start_step_is_refused_in_a_finished_or_failed_task() {
+    let t = template(SINGLE);
+    let [a] = ids(&t, ["a"]);
+    for status in TaskStatus::ALL {
+        // the step is still pending in every one of these histories
+        let g = given(task_history(&t, a, status));
+        assert_eq!(g.task().status, status);
+        assert_eq!(g.step(a).status, StepStatus::Pending);
+        match status {
+            TaskStatus::Pending => {
+                g.when(start(a))
+                    .then_events([Event::TaskStarted, started(a, 1)]);
+            }
+            TaskStatus::InProgress => {
+                g.when(start(a)).then_events([started(a, 1)]);
+            }
+            _ => {
+                assert!(!g.task().is_step_ready(a, g.now));
+                g.when(start(a)).then_rejected(RejectReason::StaleAttempt);
+            }
+        }
+    }
+    // a start queued before a cancel arrives after it
+    let t = template(CHAIN);
+    let [a] = ids(&t, ["a"]);
+    given([accepted(&t)])
+        .when(cancel())
+        .then_ok()
+        .1
+        .when(start(a))
+        .then_rejected(RejectReason::StaleAttempt);
+}
+
+// ---- skip propagation ----
+
+#[test]
+fn settling_skips_the_pending_steps_below_a_skipped_one() {
+    // A `skip_dependents` batch cut short by a crash left c pending below the
+    // skipped b, while z still runs.
+    let t = template(FORK);
+    let [a, b, c, z] = ids(&t, ["a", "b", "c", "z"]);
+    let g = given([
+        accepted(&t),
+        Event::TaskStarted,
+        started(a, 1),
+        started(z, 1),
+        failed(a, 1, permanent(), None),
+        resolved(a),
+        skipped(b, "a"),
+    ]);
+    assert!(!g.task().is_step_ready(c, g.now));
+    // the next batch that settles the task skips c, then finishes the task
+    let done = g.clone().when(succeeds(z, 1)).then_events([
+        completed(z, 1),
+        skipped_after(c, "b"),
+        Event::TaskCompleted,
+    ]);
+    assert_eq!(done.step(c).status, StepStatus::Skipped);
+    assert_eq!(done.step(c).finished_at, Some(done.now));
+    // a failure settles too: the skip comes before the verdict
+    g.when(fails(z, 1, permanent())).then_events([
+        failed(z, 1, permanent(), None),
+        skipped_after(c, "b"),
+        task_failed(&[z]),
+    ]);
+}
+
+#[test]
+fn skips_reach_every_level_in_one_batch_and_do_not_wait_for_other_parents() {
+    // a skipped root: b, then c, in step order
+    let t = template(CHAIN);
+    let [a, b, c] = ids(&t, ["a", "b", "c"]);
+    given([accepted(&t), Event::TaskStarted, skipped(a, "x")])
+        .when(When::Reconcile)
+        .then_events([
+            skipped_after(b, "a"),
+            skipped_after(c, "b"),
+            Event::TaskCompleted,
+        ]);
+    // b skipped while c still runs: d can never run, so it is skipped at once and
+    // the task waits for c
+    let t = template(DIAMOND);
+    let [a, b, c, d] = ids(&t, ["a", "b", "c", "d"]);
+    let g = given([
+        accepted(&t),
+        Event::TaskStarted,
+        started(a, 1),
+        completed(a, 1),
+        started(c, 1),
+        skipped(b, "x"),
+    ])
+    .when(When::Reconcile)
+    .then_events([skipped_after(d, "b")]);
+    assert_eq!(g.task().status, TaskStatus::InProgress);
+    g.when(succeeds(c, 1))
+        .then_events([completed(c, 1), Event::TaskCompleted]);
+}
+
+// ---- reconcile: finishing batches cut short by a crash ----
+
+#[test]
+fn reconcile_decides_nothing_when_no_batch_was_cut_short() {
+    let t = template(CHAIN);
+    let [a, b, c] = ids(&t, ["a", "b", "c"]);
+    let run = || vec![accepted(&t), Event::TaskStarted, started(a, 1)];
+    let failed_a = || {
+        [
+            run(),
+            vec![failed(a, 1, permanent(), None), task_failed(&[a])],
+        ]
+        .concat()
+    };
+    let histories = [
+        // pending with a ready root, running, with a ready step not started yet:
+        // starting steps is the runtime's business, not reconcile's
+        vec![accepted(&t)],
+        run(),
+        [run(), vec![completed(a, 1)]].concat(),
+        // awaiting a retry (due or not: the timer fires it)
+        [run(), vec![failed(a, 1, retryable(), Some(ts(3)))]].concat(),
+        [
+            run(),
+            vec![
+                completed(a, 1),
+                started(b, 1),
+                completed(b, 1),
+                started(c, 1),
+                completed(c, 1),
+                Event::TaskCompleted,
+            ],
+        ]
+        .concat(),
+        failed_a(),
+        vec![
+            accepted(&t),
+            step_cancelled(a),
+            step_cancelled(b),
+            step_cancelled(c),
+            task_cancelled(),
+        ],
+        [
+            failed_a(),
+            vec![
+                resolved(a),
+                skipped(b, "a"),
+                skipped(c, "a"),
+                Event::TaskResolvedManually,
+            ],
+        ]
+        .concat(),
+    ];
+    let mut seen = BTreeSet::new();
+    for history in histories {
+        for at in [0, 5] {
+            let g = given(history.clone()).at(at);
+            seen.insert(g.task().status.as_str());
+            g.when(When::Reconcile).then_events([]);
+        }
+    }
+    assert_eq!(seen.len(), TaskStatus::ALL.len(), "{seen:?}");
+    // a failed task with another failure left unresolved stays in error
+    let t = template(PAIR);
+    let [x, y] = ids(&t, ["x", "y"]);
+    given([
+        accepted(&t),
+        Event::TaskStarted,
+        started(x, 1),
+        started(y, 1),
+        failed(x, 1, permanent(), None),
+        failed(y, 1, permanent(), None),
+        task_failed(&[x, y]),
+        resolved(x),
+    ])
+    .when(When::Reconcile)
+    .then_events([]);
+}
+
+#[test]
+fn reconcile_finishes_a_cancel_cut_short_by_a_crash() {
+    let t = template(CHAIN);
+    let [a, b, c] = ids(&t, ["a", "b", "c"]);
+    // a running task's cancel kept only its first event
+    let running = [
+        accepted(&t),
+        Event::TaskStarted,
+        started(a, 1),
+        completed(a, 1),
+        started(b, 1),
+    ];
+    given(running.clone()).when(cancel()).then_events([
+        step_cancelled(b),
+        step_cancelled(c),
+        task_cancelled(),
+    ]);
+    let g = given([running.to_vec(), vec![step_cancelled(b)]].concat())
+        .when(When::Reconcile)
+        .then_events([step_cancelled(c), task_cancelled_by_reconcile()]);
+    assert_eq!(g.task().status, TaskStatus::Cancelled);
+    let statuses: Vec<StepStatus> = [a, b, c].iter().map(|s| g.step(*s).status).collect();
+    assert_eq!(
+        statuses,
+        [
+            StepStatus::Complete,
+            StepStatus::Cancelled,
+            StepStatus::Cancelled
+        ]
+    );
+    g.clone()
+        .when(succeeds(b, 1))
+        .then_rejected(RejectReason::StaleAttempt);
+    g.when(When::Reconcile).then_events([]);
+    // a pending task's cancel kept two of its four events
+    given([accepted(&t), step_cancelled(a), step_cancelled(b)])
+        .when(When::Reconcile)
+        .then_events([step_cancelled(c), task_cancelled_by_reconcile()]);
+    // every step was cancelled, the task was not: only the task is left
+    given([
+        accepted(&t),
+        step_cancelled(a),
+        step_cancelled(b),
+        step_cancelled(c),
+    ])
+    .when(When::Reconcile)
+    .then_events([task_cancelled_by_reconcile()]);
+    // a step in error cannot be cancelled: it stays in error, as in a whole cancel
+    let t = template(PAIR);
+    let [x, y] = ids(&t, ["x", "y"]);
+    let waiting = [
+        accepted(&t),
+        Event::TaskStarted,
+        started(x, 1),
+        started(y, 1),
+        failed(x, 1, retryable(), Some(ts(1_000))),
+    ];
+    given(waiting.clone())
+        .when(cancel())
+        .then_events([step_cancelled(y), task_cancelled()]);
+    let g = given([waiting.to_vec(), vec![step_cancelled(y)]].concat())
+        .when(When::Reconcile)
+        .then_events([task_cancelled_by_reconcile()]);
+    assert_eq!(g.step(x).status, StepStatus::Error);
+    g.at(1_000)
+        .when(When::RetryDue(x))
+        .then_rejected(RejectReason::StaleAttempt);
+}
+
+#[test]
+fn reconcile_finishes_a_skip_cut_short_by_a_crash() {
+    // resolve a with skip_dependents in a running task; the batch kept
+    // `step.resolved_manually` and the first `step.skipped` only
+    let t = template(FORK);
+    let [a, b, c, z] = ids(&t, ["a", "b", "c", "z"]);
+    let waiting = [
+        accepted(&t),
+        Event::TaskStarted,
+        started(a, 1),
+        started(z, 1),
+        failed(a, 1, retryable(), Some(ts(1_000))),
+    ];
+    given(waiting.clone())
+        .when(resolve("a", true))
+        .then_events([resolved(a), skipped(b, "a"), skipped(c, "a")]);
+    let g = given([waiting.to_vec(), vec![resolved(a), skipped(b, "a")]].concat())
+        .when(When::Reconcile)
+        .then_events([skipped_after(c, "b")]);
+    assert_eq!(g.task().status, TaskStatus::InProgress);
+    let g = g.when(When::Reconcile).then_events([]);
+    g.when(succeeds(z, 1))
+        .then_events([completed(z, 1), Event::TaskCompleted]);
+}
+
+#[test]
+fn reconcile_settles_a_failed_task_whose_failures_were_all_resolved() {
+    let t = template(CHAIN);
+    let [a, b, c] = ids(&t, ["a", "b", "c"]);
+    let failed_a = [
+        accepted(&t),
+        Event::TaskStarted,
+        started(a, 1),
+        failed(a, 1, permanent(), None),
+        task_failed(&[a]),
+    ];
+    // every step done (the skips half written): resolved_manually
+    let g = given([failed_a.to_vec(), vec![resolved(a), skipped(b, "a")]].concat())
+        .when(When::Reconcile)
+        .then_events([skipped_after(c, "b"), Event::TaskResolvedManually]);
+    assert_eq!(g.task().status, TaskStatus::ResolvedManually);
+    g.when(When::Reconcile).then_events([]);
+    // steps left to run: the task resumes and they become ready
+    let g = given([failed_a.to_vec(), vec![resolved(a)]].concat())
+        .when(When::Reconcile)
+        .then_events([task_retried_by_reconcile()]);
+    assert_eq!(g.task().status, TaskStatus::InProgress);
+    assert_eq!(g.task().finished_at, None);
+    let g = g.when(When::Reconcile).then_events([]).start_ready([b]);
+    assert_eq!(g.step(b).status, StepStatus::InProgress);
+    // a single step resolved: the task is resolved
+    let t = template(SINGLE);
+    let [a] = ids(&t, ["a"]);
+    given([
+        accepted(&t),
+        Event::TaskStarted,
+        started(a, 1),
+        failed(a, 1, permanent(), None),
+        task_failed(&[a]),
+        resolved(a),
+    ])
+    .when(When::Reconcile)
+    .then_events([Event::TaskResolvedManually]);
 }
 
 // ---- the fold: illegal and fenced events change nothing ----
@@ -1411,6 +2007,73 @@ fn the_fold_ignores_events_that_name_no_task_step_or_attempt() {
     );
     assert_eq!(g.state.digest(), digest);
     assert!(g.state.task(&OTHER).is_none());
+}
+
+#[test]
+fn a_final_task_whose_id_is_accepted_again_is_archived_as_eviction_would() {
+    let t = template(SINGLE);
+    let [a] = ids(&t, ["a"]);
+    let mut finals = 0;
+    for status in TaskStatus::ALL {
+        // final histories where the step ran too, so the old task's hash is its own
+        let history = match status {
+            TaskStatus::Complete => vec![
+                accepted(&t),
+                Event::TaskStarted,
+                started(a, 1),
+                completed(a, 1),
+                Event::TaskCompleted,
+            ],
+            TaskStatus::ResolvedManually => vec![
+                accepted(&t),
+                Event::TaskStarted,
+                started(a, 1),
+                failed(a, 1, permanent(), None),
+                task_failed(&[a]),
+                resolved(a),
+                Event::TaskResolvedManually,
+            ],
+            _ => task_history(&t, a, status),
+        };
+        let mut g = given(history.clone());
+        if !status.is_final() {
+            assert_ignored(&mut g, &accepted(&t), &ApplyError::DuplicateTask(TASK));
+            continue;
+        }
+        finals += 1;
+        // decide still refuses a request for an id in memory
+        let g = g
+            .when(requested(&t))
+            .then_rejected(RejectReason::DuplicateTask);
+        // the same history where the old task left memory before the new accept
+        let mut evicting = Given {
+            state: State::new(1),
+            ..given([])
+        };
+        for event in &history {
+            assert_eq!(evicting.fold(event), Applied::Event);
+        }
+        let mut g = g.at(10);
+        let mut evicting = evicting.at(10);
+        assert_eq!(g.fold(&accepted(&t)), Applied::Event, "{status:?}");
+        assert_eq!(evicting.fold(&accepted(&t)), Applied::Event);
+        assert_eq!(evicting.state.stats().evicted, 1);
+        assert_eq!(g.state.stats().evicted, 0);
+        assert_eq!(
+            g.state.digest(),
+            evicting.state.digest(),
+            "{status:?}: the digest depends on retention"
+        );
+        assert_eq!(g.state.task_count(), 1);
+        let task = g.task();
+        assert_eq!(task.status, TaskStatus::Pending);
+        assert_eq!(task.accepted_at, ts(10));
+        assert_eq!(task.finished_at, None);
+        assert_eq!(task.steps, vec![StepState::new()]);
+        g.when(start(a))
+            .then_events([Event::TaskStarted, started(a, 1)]);
+    }
+    assert_eq!(finals, 3);
 }
 
 #[test]
