@@ -56,28 +56,31 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
     let (observer, done) = drive::observer();
     let options = EngineOptions {
         snapshot_dir: Some(dir.path().join("snapshots")),
+        retention: *args.retention,
         ..EngineOptions::default()
     };
     let rss_before = drive::rss_kib();
     let engine = Engine::start(log, Arc::clone(&registry), options, Some(observer))?;
     let snapshot = template.snapshot();
-    let tasks: Vec<Envelope> = (0..args.tasks)
-        .map(|_| {
-            let id = TaskId::generate();
-            Envelope::command(
-                id,
-                CorrelationId::from_uuid(*id.as_uuid()),
-                Timestamp::now(),
-                Command::RequestTask(RequestTask {
-                    namespace: snapshot.namespace.clone(),
-                    name: snapshot.name.clone(),
-                    version: Some(snapshot.version.clone()),
-                    context: context.clone(),
-                    ..RequestTask::default()
-                }),
-            )
-        })
-        .collect();
+    let make_tasks = || -> Vec<Envelope> {
+        (0..args.tasks)
+            .map(|_| {
+                let id = TaskId::generate();
+                Envelope::command(
+                    id,
+                    CorrelationId::from_uuid(*id.as_uuid()),
+                    Timestamp::now(),
+                    Command::RequestTask(RequestTask {
+                        namespace: snapshot.namespace.clone(),
+                        name: snapshot.name.clone(),
+                        version: Some(snapshot.version.clone()),
+                        context: context.clone(),
+                        ..RequestTask::default()
+                    }),
+                )
+            })
+            .collect()
+    };
     let steps = snapshot.steps.len();
     if !cli.json {
         eprintln!(
@@ -92,12 +95,23 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "all at once".into())
         );
     }
-    let driver = Driver::new(&engine, done, args.tasks, cli.json);
-    let out = driver.run(tasks, args.rate, Duration::from_secs(600))?;
-    let rss_peak = drive::rss_kib();
+    let mut rss_waves = Vec::new();
+    let mut out = None;
+    let mut events_before = 0;
+    for wave in 0..args.waves.max(1) {
+        if wave > 0 {
+            // Let the previous wave outlive its retention before the next one starts.
+            std::thread::sleep(*args.retention);
+        }
+        events_before = engine.metrics().records_appended.get();
+        let driver = Driver::new(&engine, done.clone(), args.tasks, cli.json);
+        out = Some(driver.run(make_tasks(), args.rate, Duration::from_secs(600))?);
+        rss_waves.push(drive::rss_kib());
+    }
+    let out = out.ok_or_else(|| anyhow::anyhow!("no wave ran"))?;
     let m = engine.metrics();
     let secs = out.elapsed.as_secs_f64();
-    let events = m.records_appended.get();
+    let events = m.records_appended.get() - events_before;
     let append = m.append_latency_us.snapshot();
     let batch = m.append_batch_records.snapshot();
     let lat = &out.latency_us;
@@ -127,12 +141,12 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         },
         "append_us": {"p50": append.value_at_quantile(0.5), "p99": append.value_at_quantile(0.99), "max": append.max()},
         "append_batch_records": {"p50": batch.value_at_quantile(0.5), "p99": batch.value_at_quantile(0.99), "max": batch.max()},
-        "rss_kib": {"before": rss_before, "after_run": rss_peak},
+        "rss_kib": {"before": rss_before, "after_each_wave": rss_waves, "tasks_in_memory": m.tasks_in_memory.get()},
         "executor_limit": m.executor_limit.get(),
     });
-    engine.shutdown();
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+        engine.shutdown();
         return Ok(());
     }
     println!("tasks/s        {:>12.0}", args.tasks as f64 / secs);
@@ -158,10 +172,12 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         batch.value_at_quantile(0.99)
     );
     println!(
-        "completed      {completed} of {}   rss {} -> {} MiB",
+        "completed      {completed} of {} (last wave)   rss {} MiB before, after each wave: {:?} MiB, {} tasks in memory",
         args.tasks,
         rss_before / 1024,
-        rss_peak / 1024
+        rss_waves.iter().map(|r| r / 1024).collect::<Vec<_>>(),
+        m.tasks_in_memory.get()
     );
+    engine.shutdown();
     Ok(())
 }

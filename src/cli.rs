@@ -184,4 +184,11 @@ pub struct BenchArgs {
     /// Context for each task (JSON).
     #[arg(long, default_value = "{}")]
     pub context: String,
+    /// How long finished tasks stay in memory (engine.retention).
+    #[arg(long, default_value = "15m")]
+    pub retention: humantime::Duration,
+    /// Run the workload this many times in a row (memory should stay flat once
+    /// finished tasks outlive the retention).
+    #[arg(long, default_value_t = 1)]
+    pub waves: usize,
 }

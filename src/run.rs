@@ -36,6 +36,15 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     let bind = setup.resolved.bind;
     let info_path = run_info_path(&setup.config.data_dir);
     rt.block_on(async {
+        let templates = registry.catalog().templates().count();
+        if !setup.config.api.enabled {
+            eprintln!(
+                "tasker running: {} | {templates} templates | API disabled | Ctrl-C to stop",
+                log.describe()
+            );
+            shutdown_signal().await;
+            return anyhow::Ok(());
+        }
         let listener = tokio::net::TcpListener::bind(bind).await.hint(format!(
             "api.bind {bind} is taken; set another with TASKER_API__BIND"
         ))?;
@@ -45,7 +54,6 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             api: format!("http://{addr}"),
         };
         std::fs::write(&info_path, serde_json::to_vec(&info)?)?;
-        let templates = registry.catalog().templates().count();
         eprintln!(
             "tasker running: {} | {templates} templates | API http://{addr} | Ctrl-C to stop",
             log.describe()

@@ -164,7 +164,7 @@ steps:
 /// The scaffolded handler; `tests/cli.rs` compiles it against the engine.
 pub const HANDLER_TEMPLATE: &str = r#"//! The `{{NAME}}` step handler.
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tasker_engine::handler::{StepContext, StepHandler};
 use tasker_engine::record::StepError;
 

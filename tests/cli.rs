@@ -1,6 +1,7 @@
 //! The `tasker` binary as users run it: scaffolding, template checks, commands
 //! recorded without an engine and decided by the next `tasker run`, and errors
 //! that are one line plus a hint.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 mod support;
 
@@ -122,7 +123,8 @@ fn template_errors_name_file_and_field() {
 #[test]
 fn errors_are_one_line_with_a_hint() {
     let dir = tempfile::TempDir::new().unwrap();
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (&["submit", "not-a-template"], &[], "namespace/name"),
         (
             &["submit", "shop/order", "--context", "{oops"],

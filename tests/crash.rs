@@ -1,5 +1,6 @@
 //! Kill -9 `tasker run` under load, restart it, and check that nothing accepted
 //! is lost or done twice and that replaying the log gives the live digest.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 mod support;
 

@@ -559,7 +559,7 @@ mod tests {
             decode(&longer),
             Err(DecodeError::TrailingBytes { extra: 1 })
         );
-        let mut v2 = bytes.clone();
+        let mut v2 = bytes;
         v2[0] = 9;
         assert_eq!(decode(&v2), Err(DecodeError::UnsupportedSchema(9)));
         assert_eq!(decode(&[]), Err(DecodeError::Empty));

@@ -166,7 +166,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             retention: "15m".into(),
-            snapshot_every_events: 200_000,
+            snapshot_every_events: 1_000_000,
             snapshot_interval: "60s".into(),
             max_context_bytes: 256 * 1024,
             max_batch: 8192,
@@ -462,7 +462,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_key_and_value() {
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             ("[log]\npartitions = 0", &[], "log.partitions` = \"0\""),
             (
                 "[log]\nfsync = \"sometimes\"",

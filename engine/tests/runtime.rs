@@ -1,5 +1,6 @@
 //! The running engine on the embedded log: end to end, restart, idempotency,
 //! timers, handlers.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

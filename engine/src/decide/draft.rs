@@ -1,8 +1,8 @@
 //! A scratch copy of one task that `decide` applies its own events to, so that
-//! cascades (children becoming ready, the task finishing) are computed with the
-//! same appliers the fold uses.
+//! cascades (skips propagating, the task finishing) are computed with the same
+//! appliers the fold uses.
 
-use crate::record::{Event, StepId, StepStarted, TaskFailed, Timestamp};
+use crate::record::{Event, StepId, StepSkipped, StepStarted, TaskFailed, Timestamp};
 use crate::state::{StepStatus, TaskState, TaskStatus};
 
 use super::Rejection;
@@ -23,11 +23,6 @@ impl Draft {
         }
     }
 
-    /// A draft for a task that does not exist yet (its `task.accepted` is `events[0]`).
-    pub(super) fn with_events(task: TaskState, events: Vec<Event>, now: Timestamp) -> Self {
-        Draft { task, events, now }
-    }
-
     pub(super) fn into_events(self) -> Vec<Event> {
         self.events
     }
@@ -45,27 +40,50 @@ impl Draft {
         Ok(())
     }
 
-    /// Starts every pending step whose parents are satisfied (starting the task too
-    /// if it is still pending), in step order.
-    pub(super) fn start_ready(&mut self) -> Result<(), Rejection> {
-        let ready: Vec<StepId> = self
+    /// Starts one step (and the task, if it is still pending). The step must be
+    /// pending with every parent satisfied.
+    pub(super) fn start(&mut self, step: StepId) -> Result<(), Rejection> {
+        let startable = self
             .task
-            .dag
-            .step_ids()
-            .filter(|id| {
-                self.task.steps[id.index()].status == StepStatus::Pending
-                    && self.task.parents_satisfied(*id)
-            })
-            .collect();
-        if ready.is_empty() {
-            return Ok(());
+            .step(step)
+            .is_some_and(|s| s.status == StepStatus::Pending)
+            && self.task.parents_satisfied(step)
+            && matches!(
+                self.task.status,
+                TaskStatus::Pending | TaskStatus::InProgress
+            );
+        if !startable {
+            return Err(Rejection::new(
+                RejectReason::StaleAttempt,
+                format!(
+                    "step `{}` of task {} is not ready to start",
+                    self.task.step_name(step),
+                    self.task.id
+                ),
+            ));
         }
         if self.task.status == TaskStatus::Pending {
             self.emit(Event::TaskStarted)?;
         }
-        for step in ready {
-            let attempt = self.task.steps[step.index()].attempts + 1;
-            self.emit(Event::StepStarted(StepStarted { step, attempt }))?;
+        let attempt = self.task.steps[step.index()].attempts + 1;
+        self.emit(Event::StepStarted(StepStarted { step, attempt }))
+    }
+
+    /// Skips pending steps with a skipped parent: they can never run.
+    pub(super) fn propagate_skips(&mut self) -> Result<(), Rejection> {
+        for id in self.task.dag.step_ids() {
+            if self.task.steps[id.index()].status != StepStatus::Pending {
+                continue;
+            }
+            let skipped_parent = self
+                .task
+                .dag
+                .parents(id)
+                .find(|p| self.task.steps[p.index()].status == StepStatus::Skipped);
+            if let Some(parent) = skipped_parent {
+                let reason = format!("parent `{}` was skipped", self.task.step_name(parent));
+                self.emit(Event::StepSkipped(StepSkipped { step: id, reason }))?;
+            }
         }
         Ok(())
     }
@@ -76,6 +94,7 @@ impl Draft {
         if self.task.status != TaskStatus::InProgress {
             return Ok(());
         }
+        self.propagate_skips()?;
         if self.all_steps_done() {
             return self.emit(Event::TaskCompleted);
         }
@@ -96,6 +115,10 @@ impl Draft {
             return Ok(());
         }
         self.emit(Event::TaskFailed(TaskFailed { failed_steps }))
+    }
+
+    pub(super) fn task(&self) -> &TaskState {
+        &self.task
     }
 
     pub(super) fn all_steps_done(&self) -> bool {

@@ -64,6 +64,10 @@ pub enum Input<'a> {
     },
     /// A step's backoff elapsed (the processor's timer, derived from `retry_at`).
     RetryDue { task: TaskId, step: StepId },
+    /// The runtime has capacity for a ready step: start it. `decide` never starts
+    /// steps by itself, so the runtime bounds the work in flight and a step is
+    /// `in_progress` only while a handler actually has it.
+    StartStep { task: TaskId, step: StepId },
     /// After a restart: finish any cascade a crash cut short (start steps whose
     /// parents are done, finish a task with nothing left). Usually decides nothing.
     Reconcile { task: TaskId },
@@ -75,6 +79,7 @@ impl Input<'_> {
             Input::Command { task, .. }
             | Input::StepFinished { task, .. }
             | Input::RetryDue { task, .. }
+            | Input::StartStep { task, .. }
             | Input::Reconcile { task } => *task,
         }
     }
@@ -89,7 +94,7 @@ pub fn decide(state: &State, input: Input<'_>, now: Timestamp) -> Result<Vec<Eve
             command,
             resolution,
         } => match command {
-            Command::RequestTask(request) => request_task(state, task, request, resolution, now),
+            Command::RequestTask(request) => request_task(state, task, request, resolution),
             Command::CancelTask(cancel) => cancel_task(existing(state, task)?, cancel, now),
             Command::RetryTask(retry) => retry_task(existing(state, task)?, retry, now),
             Command::ResolveStep(resolve) => resolve_step(existing(state, task)?, resolve, now),
@@ -106,18 +111,70 @@ pub fn decide(state: &State, input: Input<'_>, now: Timestamp) -> Result<Vec<Eve
             outcome,
         } => step_finished(existing(state, task)?, step, attempt, outcome, now),
         Input::RetryDue { task, step } => retry_due(existing(state, task)?, step, now),
+        Input::StartStep { task, step } => {
+            let mut draft = Draft::new(existing(state, task)?, now);
+            draft.start(step)?;
+            Ok(draft.into_events())
+        }
         Input::Reconcile { task } => reconcile(existing(state, task)?, now),
     }
 }
 
+/// Finishes what a batch cut short by a crash left half done (possible on logs
+/// whose batches are not atomic, e.g. Kafka): a cancel that cancelled some steps
+/// but not the task, skips that did not reach every dependent, a resolution that
+/// did not settle its task.
 fn reconcile(task: &TaskState, now: Timestamp) -> Result<Vec<Event>, Rejection> {
-    if task.status.is_terminal() {
-        return Ok(Vec::new());
-    }
     let mut draft = Draft::new(task, now);
-    draft.start_ready()?;
-    draft.settle()?;
+    match task.status {
+        TaskStatus::Pending | TaskStatus::InProgress => {
+            if task.steps.iter().any(|s| s.status == StepStatus::Cancelled) {
+                for id in task.dag.step_ids() {
+                    if task.steps[id.index()]
+                        .status
+                        .can_become(StepStatus::Cancelled)
+                    {
+                        draft.emit(Event::StepCancelled(StepCancelled { step: id }))?;
+                    }
+                }
+                draft.emit(Event::TaskCancelled(TaskCancelled {
+                    requested_by: None,
+                    reason: Some("completing a cancellation interrupted by a crash".into()),
+                }))?;
+            } else {
+                draft.settle()?;
+            }
+        }
+        TaskStatus::Error => {
+            if !task.steps.iter().any(|s| s.is_terminal_error()) {
+                after_resolution(&mut draft, None, "failed steps resolved")?;
+            }
+        }
+        TaskStatus::Complete | TaskStatus::Cancelled | TaskStatus::ResolvedManually => {}
+    }
     Ok(draft.into_events())
+}
+
+/// After a step of a task in `error` was resolved: finish the task if nothing is
+/// left, resume it if steps can now run, or leave it in error.
+fn after_resolution(
+    draft: &mut Draft,
+    resolved_by: Option<String>,
+    reason: &str,
+) -> Result<(), Rejection> {
+    draft.propagate_skips()?;
+    if draft.all_steps_done() {
+        return draft.emit(Event::TaskResolvedManually);
+    }
+    let blocked = draft.task().steps.iter().any(|s| s.is_terminal_error());
+    if !blocked || draft.has_startable_steps() {
+        draft.emit(Event::TaskRetried(TaskRetried {
+            requested_by: resolved_by,
+            reason: Some(reason.to_owned()),
+        }))?;
+        draft.settle()?;
+    }
+    Ok(())
 }
 
 fn existing(state: &State, task: TaskId) -> Result<&TaskState, Rejection> {
@@ -158,7 +215,6 @@ fn request_task(
     task: TaskId,
     request: &RequestTask,
     resolution: Option<&Resolution>,
-    now: Timestamp,
 ) -> Result<Vec<Event>, Rejection> {
     if state.task(&task).is_some() {
         return Err(Rejection::new(
@@ -190,21 +246,11 @@ fn request_task(
             ));
         }
     };
-    let accepted = Event::TaskAccepted(TaskAccepted {
+    // Steps start when the runtime has room for them (`Input::StartStep`).
+    Ok(vec![Event::TaskAccepted(TaskAccepted {
         request: request.clone(),
         template: Arc::clone(dag.shared_snapshot()),
-    });
-    let state = TaskState::accepted(
-        task,
-        crate::record::CorrelationId::NIL,
-        Arc::clone(dag),
-        Arc::new(request.clone()),
-        now,
-    );
-    let mut draft = Draft::with_events(state, vec![accepted], now);
-    draft.start_ready()?;
-    draft.settle()?;
-    Ok(draft.into_events())
+    })])
 }
 
 fn cancel_task(
@@ -250,7 +296,6 @@ fn retry_task(
             }))?;
         }
     }
-    draft.start_ready()?;
     draft.settle()?;
     Ok(draft.into_events())
 }
@@ -292,21 +337,11 @@ fn resolve_step(
         }
     }
     if task.status == TaskStatus::Error {
-        if draft.all_steps_done() {
-            draft.emit(Event::TaskResolvedManually)?;
-            return Ok(draft.into_events());
-        }
-        if !draft.has_startable_steps() {
-            // Other failures still block the task: it stays in error.
-            return Ok(draft.into_events());
-        }
-        draft.emit(Event::TaskRetried(TaskRetried {
-            requested_by: resolve.resolved_by.clone(),
-            reason: Some(format!("step `{}` resolved manually", resolve.step)),
-        }))?;
+        let reason = format!("step `{}` resolved manually", resolve.step);
+        after_resolution(&mut draft, resolve.resolved_by.clone(), &reason)?;
+    } else {
+        draft.settle()?;
     }
-    draft.start_ready()?;
-    draft.settle()?;
     Ok(draft.into_events())
 }
 
@@ -347,7 +382,6 @@ fn step_finished(
                 attempt,
                 result: result.clone(),
             }))?;
-            draft.start_ready()?;
         }
         StepOutcome::Failed(error) => {
             let retry_at = task.dag.snapshot().step(step).and_then(|spec| {
@@ -396,7 +430,5 @@ fn retry_due(task: &TaskState, step: StepId, now: Timestamp) -> Result<Vec<Event
         step,
         reset_attempts: false,
     }))?;
-    draft.start_ready()?;
-    draft.settle()?;
     Ok(draft.into_events())
 }

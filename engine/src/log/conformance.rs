@@ -34,7 +34,7 @@ pub fn sample(i: u64) -> Record {
     Record {
         key: TaskId::v7(Timestamp(1_700_000_000_000 + i), u128::from(i)),
         headers: Headers {
-            content_type: if i % 2 == 0 {
+            content_type: if i.is_multiple_of(2) {
                 ContentType::Bincode
             } else {
                 ContentType::Json
@@ -42,7 +42,7 @@ pub fn sample(i: u64) -> Record {
             kind: Some(kinds[(i % 3) as usize]),
             record_type: Some(types[(i % 3) as usize]),
             schema: 1,
-            namespace: (i % 4 != 0).then(|| Bytes::from(format!("ns{}", i % 4))),
+            namespace: (!i.is_multiple_of(4)).then(|| Bytes::from(format!("ns{}", i % 4))),
         },
         timestamp: Timestamp(1_700_000_000_000 + i),
         payload: Bytes::from(format!("payload-{i}-{}", "x".repeat((i % 50) as usize))),

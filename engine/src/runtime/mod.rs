@@ -3,6 +3,7 @@
 //! else. A processor that fails is restarted from the log after a backoff, unless
 //! it was fenced by a newer owner or the log is corrupt.
 
+mod commit;
 mod encode;
 mod executor;
 mod ids;
@@ -68,7 +69,7 @@ impl Default for EngineOptions {
         EngineOptions {
             retention: Duration::from_secs(15 * 60),
             snapshot_dir: None,
-            snapshot_every_events: 200_000,
+            snapshot_every_events: 1_000_000,
             snapshot_interval: Duration::from_secs(60),
             max_context_bytes: 256 * 1024,
             max_batch: 8192,

@@ -16,6 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::oneshot;
 
+use super::commit::{Commit, WriterThread};
 use super::encode::to_record;
 use super::executor::Job;
 use super::ids::derive_task_id;
@@ -33,7 +34,7 @@ use crate::record::{
     PartitionId, Position, RejectReason, StepId, TaskId, TaskRejected, Timestamp,
 };
 use crate::registry::TemplateRegistry;
-use crate::state::{Applied, HashChain, State, StateSnapshot, StepStatus, TaskStatus};
+use crate::state::{Applied, HashChain, State, StateSnapshot, StepStatus, TaskState};
 
 /// Why a processor stopped.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +80,7 @@ pub(crate) struct Processor {
     partition: PartitionId,
     partitions: u32,
     log: Arc<dyn Log>,
-    writer: Box<dyn LogWriter>,
+    writer: Option<Box<dyn LogWriter>>,
     state: State,
     chain: HashChain,
     read_pos: Position,
@@ -87,6 +88,14 @@ pub(crate) struct Processor {
     /// The writer is the only one (embedded log): commands are decided as they are
     /// appended and nothing needs reading back.
     exclusive: bool,
+    /// Where durability stands: everything before this position is on disk.
+    durable_end: Position,
+    /// Exclusive writers append from their own thread (group commit).
+    pipeline: Option<WriterThread>,
+    /// Appended batches waiting to become durable, oldest first.
+    commits: VecDeque<Commit>,
+    /// Starts decided but not yet dispatched (their batch is not durable yet).
+    pending_dispatch: usize,
     /// Positions of records this processor appended (events, claims), not yet read back.
     own: VecDeque<Position>,
     appended_end: Position,
@@ -106,6 +115,11 @@ pub(crate) struct Processor {
     observer: Option<TaskObserver>,
     waiting: FxHashMap<Position, Reply>,
     digest_waiters: Vec<oneshot::Sender<DigestReport>>,
+    /// Steps ready to start, oldest first, waiting for executor capacity.
+    ready: VecDeque<(TaskId, StepId)>,
+    queued: FxHashSet<(TaskId, StepId)>,
+    /// Attempts handed to the executor and not yet reported back.
+    in_flight: usize,
     namespaces: FxHashMap<String, Bytes>,
     round: Round,
     buf: Vec<u8>,
@@ -153,12 +167,16 @@ impl Processor {
             partition,
             partitions: log.partitions(),
             log,
-            writer,
+            writer: Some(writer),
             state,
             chain,
             read_pos,
             epoch: Epoch(0),
             exclusive: false,
+            durable_end: read_pos,
+            pipeline: None,
+            commits: VecDeque::new(),
+            pending_dispatch: 0,
             own: VecDeque::new(),
             appended_end: read_pos,
             registry,
@@ -177,6 +195,9 @@ impl Processor {
             observer,
             waiting: FxHashMap::default(),
             digest_waiters: Vec::new(),
+            ready: VecDeque::new(),
+            queued: FxHashSet::default(),
+            in_flight: 0,
             namespaces: FxHashMap::default(),
             round: Round::default(),
             buf: Vec::with_capacity(4096),
@@ -184,7 +205,7 @@ impl Processor {
         };
         let unanswered = p.catch_up()?;
         p.appended_end = p.read_pos;
-        p.exclusive = p.writer.exclusive();
+        p.exclusive = p.writer.as_ref().is_some_and(|w| w.exclusive());
         // Claim the partition: every older writer is fenced from here on.
         p.epoch = Epoch(p.state.epoch().0 + 1);
         let claim = Envelope {
@@ -212,18 +233,46 @@ impl Processor {
                 p.emit(id, corr, None, events, now);
             }
             p.round.changed.insert(id);
-            if let Some(task) = p.state.task(&id)
-                && task.status == TaskStatus::InProgress
-            {
-                for (i, s) in task.steps.iter().enumerate() {
-                    if s.status == StepStatus::InProgress {
-                        p.round.dispatch.push((id, StepId(i as u32), s.attempts));
-                    }
+            let Some(task) = p.state.task(&id) else {
+                continue;
+            };
+            if task.status.is_terminal() {
+                continue;
+            }
+            let steps: Vec<(StepId, StepStatus, u32)> = task
+                .steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (StepId(i as u32), s.status, s.attempts))
+                .collect();
+            for (step, status, attempts) in steps {
+                match status {
+                    // Interrupted attempts run again (handlers are at-least-once).
+                    StepStatus::InProgress => p.round.dispatch.push((id, step, attempts)),
+                    StepStatus::Pending => p.enqueue_step(id, step),
+                    _ => {}
                 }
             }
         }
+        p.start_ready();
         p.flush()?;
         p.publish(true);
+        if p.exclusive
+            && let Some(writer) = p.writer.take()
+        {
+            let name = format!("tasker-w{}", p.partition.0);
+            let pipe = WriterThread::start(writer, Arc::clone(&p.metrics), name).map_err(|e| {
+                ProcessorError::Log {
+                    partition,
+                    source: LogError::Io {
+                        op: "spawn the writer thread",
+                        path: std::path::PathBuf::new(),
+                        source: e,
+                    },
+                }
+            })?;
+            p.pipeline = Some(pipe);
+        }
         tracing::info!(partition = %p.partition, epoch = %p.epoch, position = %p.read_pos, tasks = p.state.task_count(), "partition recovered");
         Ok(p)
     }
@@ -297,6 +346,10 @@ impl Processor {
     /// Runs rounds until shutdown or a fatal error.
     pub(crate) fn run(mut self, records: Receiver<ReaderMsg>) -> Result<(), ProcessorError> {
         let never = crossbeam_channel::never();
+        let durable = match &self.pipeline {
+            Some(p) => p.done().clone(),
+            None => crossbeam_channel::never(),
+        };
         loop {
             let timeout = self.next_wakeup();
             let take_inbox = self.accepting_work();
@@ -314,25 +367,52 @@ impl Processor {
                         Err(_) => self.shutting_down = true,
                     }
                 },
+                recv(durable) -> msg => self.on_append_result(msg)?,
                 default(timeout) => {}
+            }
+            while let Ok(msg) = durable.try_recv() {
+                self.on_append_result(Ok(msg))?;
             }
             self.drain(&records)?;
             self.fire_timers();
+            self.start_ready();
             self.flush()?;
             self.maybe_snapshot();
             self.answer_digests();
             self.metrics.processor_inbox.set(self.inbox.len() as i64);
-            if self.shutting_down && self.read_pos >= self.appended_end {
+            if self.shutting_down && self.settled() {
                 self.snapshot(true);
                 return Ok(());
             }
         }
     }
 
+    fn on_append_result(
+        &mut self,
+        msg: Result<Result<Position, LogError>, crossbeam_channel::RecvError>,
+    ) -> Result<(), ProcessorError> {
+        match msg {
+            Ok(Ok(end)) => {
+                self.on_durable(end);
+                Ok(())
+            }
+            // A failed append (or fsync) may have lost data: stop; recovery rebuilds
+            // the state from what is really in the log.
+            Ok(Err(source)) => Err(ProcessorError::Log {
+                partition: self.partition,
+                source,
+            }),
+            Err(_) => Err(ProcessorError::Log {
+                partition: self.partition,
+                source: LogError::Config("the log writer thread stopped".into()),
+            }),
+        }
+    }
+
     /// New work waits while shutting down, and while a due snapshot waits for the
     /// reader to catch up with this processor's appends.
     fn accepting_work(&self) -> bool {
-        !self.shutting_down && (!self.snapshot_due() || self.read_pos >= self.appended_end)
+        !self.shutting_down && (!self.snapshot_due() || self.settled())
     }
 
     fn next_wakeup(&self) -> Duration {
@@ -393,6 +473,7 @@ impl Processor {
                 attempt,
                 outcome,
             } => {
+                self.in_flight = self.in_flight.saturating_sub(1);
                 let input = Input::StepFinished {
                     task,
                     step,
@@ -564,12 +645,12 @@ impl Processor {
                 let outcome = if accepted {
                     SubmitOutcome::Accepted {
                         task_id: task,
-                        position: position,
+                        position,
                     }
                 } else {
                     SubmitOutcome::Applied {
                         task_id: task,
-                        position: position,
+                        position,
                         events: n,
                     }
                 };
@@ -618,7 +699,7 @@ impl Processor {
         tracing::debug!(partition = %self.partition, position = %position, %task, reason = r.reason.code(), message = %r.message, "command rejected");
         let outcome = SubmitOutcome::Rejected {
             task_id: task,
-            position: position,
+            position,
             reason: r.reason.clone(),
             message: r.message.clone(),
             details: r.details.clone(),
@@ -669,12 +750,20 @@ impl Processor {
             }
             if let Body::Event(e) = &env.body {
                 match e {
-                    Event::TaskAccepted(_) => self.metrics.tasks_accepted.inc(),
+                    Event::TaskAccepted(_) => {
+                        self.metrics.tasks_accepted.inc();
+                        self.enqueue_ready(task, None);
+                    }
                     Event::StepStarted(s) => {
                         self.metrics.steps_started.inc();
                         self.round.dispatch.push((task, s.step, s.attempt));
                     }
-                    Event::StepCompleted(_) => self.metrics.steps_completed.inc(),
+                    Event::StepCompleted(c) => {
+                        self.metrics.steps_completed.inc();
+                        self.enqueue_ready(task, Some(c.step));
+                    }
+                    Event::StepResolvedManually(r) => self.enqueue_ready(task, Some(r.step)),
+                    Event::StepRetryDue(r) => self.enqueue_step(task, r.step),
                     Event::StepFailed(f) => {
                         self.metrics.steps_failed.inc();
                         if let Some(at) = f.retry_at {
@@ -700,15 +789,75 @@ impl Processor {
                     }
                     Event::TaskRejected(_)
                     | Event::TaskStarted
-                    | Event::StepRetryDue(_)
                     | Event::StepSkipped(_)
                     | Event::StepCancelled(_)
-                    | Event::StepResolvedManually(_)
                     | Event::TaskRetried(_) => {}
                 }
             }
             self.round.changed.insert(task);
             self.round.events.push(env);
+        }
+    }
+
+    /// Queues the steps of `task` that became ready: the children of `after`, or
+    /// every root when the task was just accepted.
+    fn enqueue_ready(&mut self, task: TaskId, after: Option<StepId>) {
+        let Some(t) = self.state.task(&task) else {
+            return;
+        };
+        let candidates: Vec<StepId> = match after {
+            Some(step) => t.dag.children(step).to_vec(),
+            None => t
+                .dag
+                .step_ids()
+                .filter(|s| t.dag.parents(*s).next().is_none())
+                .collect(),
+        };
+        for step in candidates {
+            self.enqueue_step(task, step);
+        }
+    }
+
+    fn enqueue_step(&mut self, task: TaskId, step: StepId) {
+        let Some(t) = self.state.task(&task) else {
+            return;
+        };
+        let ready = t
+            .step(step)
+            .is_some_and(|s| s.status == StepStatus::Pending)
+            && t.parents_satisfied(step);
+        if ready && self.queued.insert((task, step)) {
+            self.ready.push_back((task, step));
+        }
+    }
+
+    /// How many attempts this partition may have with the executor: twice the
+    /// executor's current (adaptive) limit, so it always has the next job waiting.
+    fn step_budget(&self) -> usize {
+        if self.jobs.is_none() {
+            return usize::MAX;
+        }
+        (self.metrics.executor_limit.get().max(1) as usize).saturating_mul(2)
+    }
+
+    /// Starts ready steps, oldest first, while there is room in the executor.
+    fn start_ready(&mut self) {
+        let now = Timestamp::now();
+        let budget = self.step_budget();
+        while self.in_flight + self.pending_dispatch + self.round.dispatch.len() < budget {
+            let Some((task, step)) = self.ready.pop_front() else {
+                break;
+            };
+            self.queued.remove(&(task, step));
+            match decide(&self.state, Input::StartStep { task, step }, now) {
+                Ok(events) => {
+                    let corr = self.correlation(task);
+                    self.emit(task, corr, None, events, now);
+                }
+                Err(r) => {
+                    tracing::debug!(%task, %step, reason = %r, "queued step no longer startable")
+                }
+            }
         }
     }
 
@@ -760,40 +909,19 @@ impl Processor {
             records.push(record);
         }
         self.buf = buf;
-        let started = Instant::now();
-        let positions = self
-            .writer
-            .append(&records)
-            .map_err(|source| ProcessorError::Log {
-                partition: self.partition,
-                source,
-            })?;
-        self.metrics
-            .append_latency_us
-            .record(started.elapsed().as_micros() as u64);
-        self.metrics
-            .append_batch_records
-            .record(records.len() as u64);
-        self.metrics.records_appended.add(records.len() as u64);
         let n_cmd = round.commands.len();
-        if self.exclusive {
-            let expected = (0..positions.len() as u64).map(|i| Position(self.appended_end.0 + i));
-            if !positions.iter().copied().eq(expected) {
-                return Err(ProcessorError::Log {
-                    partition: self.partition,
-                    source: LogError::Config(format!(
-                        "the exclusive writer appended at {:?}.., expected {}",
-                        positions.first(),
-                        self.appended_end
-                    )),
-                });
-            }
-            // Nobody else writes: the log is exactly what was just appended.
+        let n = records.len() as u64;
+        let positions: Vec<Position> = if self.exclusive {
+            // Nobody else writes: the log is exactly what this processor appends, at
+            // positions it knows in advance.
             for record in &records {
                 self.chain.push(&record.payload);
             }
-            self.metrics.records_read.add(records.len() as u64);
-        }
+            self.metrics.records_read.add(n);
+            (0..n).map(|i| Position(self.appended_end.0 + i)).collect()
+        } else {
+            self.append_now(&records)?
+        };
         for ((_, reply), pos) in round.commands.into_iter().zip(&positions) {
             if let Some(reply) = reply {
                 self.waiting.insert(*pos, reply);
@@ -809,28 +937,118 @@ impl Processor {
             }
         }
         self.events_since_snapshot += (positions.len() - n_cmd) as u64;
-        // Publish first, so a client that gets its answer also sees its effect.
-        for id in &round.changed {
-            match self.state.task(id) {
+        let mut views: Vec<(TaskId, Option<Arc<TaskState>>)> = round
+            .changed
+            .iter()
+            .map(|id| (*id, self.state.task_shared(id).cloned()))
+            .collect();
+        views.extend(self.state.take_evicted().into_iter().map(|id| (id, None)));
+        let commit = Commit {
+            end: self.appended_end,
+            replies: round.replies,
+            dispatch: round.dispatch,
+            finished: round.finished,
+            views,
+        };
+        let mut changed = round.changed;
+        changed.clear();
+        self.round = Round {
+            changed,
+            ..Round::default()
+        };
+        match (&self.pipeline, self.exclusive) {
+            (Some(pipe), true) => {
+                if !pipe.submit(records, self.appended_end) {
+                    return Err(ProcessorError::Log {
+                        partition: self.partition,
+                        source: LogError::Config("the log writer thread stopped".into()),
+                    });
+                }
+                self.pending_dispatch += commit.dispatch.len();
+                self.commits.push_back(commit);
+            }
+            (None, true) => {
+                let appended = self.append_now(&records)?;
+                if appended.first() != positions.first() || appended.len() != positions.len() {
+                    return Err(ProcessorError::Log {
+                        partition: self.partition,
+                        source: LogError::Config(format!(
+                            "the exclusive writer appended at {:?}.., expected {:?}",
+                            appended.first(),
+                            positions.first()
+                        )),
+                    });
+                }
+                self.durable_end = self.appended_end;
+                self.release(commit);
+            }
+            (_, false) => {
+                self.durable_end = self.appended_end;
+                self.release(commit);
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends on this thread (recovery, shared logs) and records the timing.
+    fn append_now(&mut self, records: &[Record]) -> Result<Vec<Position>, ProcessorError> {
+        let writer = self.writer.as_mut().ok_or_else(|| ProcessorError::Log {
+            partition: self.partition,
+            source: LogError::Config("the writer moved to the writer thread".into()),
+        })?;
+        let started = Instant::now();
+        let positions = writer
+            .append(records)
+            .map_err(|source| ProcessorError::Log {
+                partition: self.partition,
+                source,
+            })?;
+        self.metrics
+            .append_latency_us
+            .record(started.elapsed().as_micros() as u64);
+        self.metrics
+            .append_batch_records
+            .record(records.len() as u64);
+        self.metrics.records_appended.add(records.len() as u64);
+        Ok(positions)
+    }
+
+    /// The writer thread made everything before `end` durable.
+    fn on_durable(&mut self, end: Position) {
+        self.durable_end = self.durable_end.max(end);
+        while self
+            .commits
+            .front()
+            .is_some_and(|c| c.end <= self.durable_end)
+        {
+            if let Some(commit) = self.commits.pop_front() {
+                self.pending_dispatch = self.pending_dispatch.saturating_sub(commit.dispatch.len());
+                self.release(commit);
+            }
+        }
+    }
+
+    /// Releases a durable batch's side effects. The view goes first, so a client
+    /// that gets its answer also sees its effect.
+    fn release(&mut self, commit: Commit) {
+        for (id, view) in commit.views {
+            match view {
                 Some(t) => {
-                    self.view_tasks.insert(*id, Arc::new(t.clone()));
+                    self.view_tasks.insert(id, t);
                 }
                 None => {
-                    self.view_tasks.remove(id);
+                    self.view_tasks.remove(&id);
                 }
             }
         }
-        for id in self.state.take_evicted() {
-            self.view_tasks.remove(&id);
-        }
         self.publish(true);
-        for (pos, outcome) in round.replies {
+        for (pos, outcome) in commit.replies {
             if let Some(reply) = self.waiting.remove(&pos) {
                 let _ = reply.send(Ok(outcome));
             }
         }
-        self.dispatch(&round.dispatch);
-        for id in &round.finished {
+        self.dispatch(&commit.dispatch);
+        for id in &commit.finished {
             if let Some(t) = self.state.task(id) {
                 let ms = t
                     .finished_at
@@ -842,20 +1060,17 @@ impl Processor {
                 }
             }
         }
-        self.round = Round {
-            changed: {
-                let mut c = round.changed;
-                c.clear();
-                c
-            },
-            ..Round::default()
-        };
-        Ok(())
+    }
+
+    /// The state is exactly the fold of the durable log read so far.
+    fn settled(&self) -> bool {
+        self.read_pos >= self.appended_end && self.durable_end >= self.appended_end
     }
 
     /// Hands started attempts to the executor (after their `step.started` is durable).
     fn dispatch(&mut self, started: &[(TaskId, StepId, u32)]) {
         let Some(jobs) = &self.jobs else { return };
+        let mut sent = 0;
         for &(task_id, step, attempt) in started {
             let Some(task) = self.state.task(&task_id) else {
                 continue;
@@ -895,14 +1110,19 @@ impl Processor {
             };
             match self.registry.handlers().get(&spec.handler) {
                 Some(handler) => {
-                    let _ = jobs.send(Job {
-                        task: task_id,
-                        step,
-                        attempt,
-                        handler,
-                        ctx,
-                        reply: self.self_tx.clone(),
-                    });
+                    if jobs
+                        .send(Job {
+                            task: task_id,
+                            step,
+                            attempt,
+                            handler,
+                            ctx,
+                            reply: self.self_tx.clone(),
+                        })
+                        .is_ok()
+                    {
+                        sent += 1;
+                    }
                 }
                 None => {
                     let _ = self.self_tx.send(Inbox::StepDone {
@@ -916,9 +1136,11 @@ impl Processor {
                             )),
                         ),
                     });
+                    sent += 1;
                 }
             }
         }
+        self.in_flight += sent;
     }
 
     fn publish(&mut self, live: bool) {
@@ -943,7 +1165,7 @@ impl Processor {
     }
 
     fn maybe_snapshot(&mut self) {
-        if self.snapshot_due() && self.read_pos >= self.appended_end {
+        if self.snapshot_due() && self.settled() {
             self.snapshot(false);
         }
     }
@@ -955,7 +1177,7 @@ impl Processor {
         let Some(store) = self.snapshots.clone() else {
             return;
         };
-        if self.read_pos < self.appended_end || self.events_since_snapshot == 0 {
+        if !self.settled() || self.events_since_snapshot == 0 {
             return;
         }
         if let Some(job) = self.snapshot_job.take() {
@@ -975,6 +1197,13 @@ impl Processor {
             Err(e) => tracing::error!(%partition, error = %e, "snapshot failed; will retry"),
         };
         let meta = self.state.snapshot_meta();
+        if !wait && self.view_tasks.len() != self.state.task_count() {
+            tracing::warn!(
+                view = self.view_tasks.len(),
+                state = self.state.task_count(),
+                "view and state disagree; snapshotting in line"
+            );
+        }
         if wait || self.view_tasks.len() != self.state.task_count() {
             write(SnapshotFile {
                 partition,
@@ -1011,7 +1240,7 @@ impl Processor {
 
     /// Answers digest requests once the state is exactly the fold of the log prefix.
     fn answer_digests(&mut self) {
-        if self.digest_waiters.is_empty() || self.read_pos < self.appended_end {
+        if self.digest_waiters.is_empty() || !self.settled() {
             return;
         }
         let report = DigestReport {

@@ -89,7 +89,9 @@ type TemplateKey = (String, String, String);
 /// One partition's state.
 #[derive(Debug, Clone)]
 pub struct State {
-    tasks: FxHashMap<TaskId, TaskState>,
+    /// Shared with the runtime's read views; mutated copy-on-write (`Arc::make_mut`),
+    /// so a published view never changes and unchanged tasks are never copied.
+    tasks: FxHashMap<TaskId, Arc<TaskState>>,
     /// `(namespace, idempotency key)` of tasks still in memory.
     idempotency: FxHashMap<(String, String), TaskId>,
     /// Interned templates, so tasks of one version share one [`Dag`].
@@ -184,8 +186,13 @@ impl State {
     fn apply_event(&mut self, env: &Envelope, event: &Event) -> Result<(), ApplyError> {
         match event {
             Event::TaskAccepted(accepted) => {
-                if self.tasks.contains_key(&env.task_id) {
-                    return Err(ApplyError::DuplicateTask(env.task_id));
+                match self.tasks.get(&env.task_id).map(|t| t.status.is_final()) {
+                    // A final task's id came back (the engine accepted it again because
+                    // the old task had left memory): archive the old one exactly as
+                    // eviction would, so the digest does not depend on retention.
+                    Some(true) => self.archive(env.task_id),
+                    Some(false) => return Err(ApplyError::DuplicateTask(env.task_id)),
+                    None => {}
                 }
                 let dag = self.intern(&accepted.template);
                 let request = Arc::new(accepted.request.clone());
@@ -195,7 +202,7 @@ impl State {
                 }
                 let task =
                     TaskState::accepted(env.task_id, env.correlation_id, dag, request, env.at);
-                self.tasks.insert(env.task_id, task);
+                self.tasks.insert(env.task_id, Arc::new(task));
                 Ok(())
             }
             // Rejections may name tasks that never existed.
@@ -217,7 +224,7 @@ impl State {
                     .tasks
                     .get_mut(&env.task_id)
                     .ok_or(ApplyError::UnknownTask(env.task_id))?;
-                task.apply(event, env.at)?;
+                Arc::make_mut(task).apply(event, env.at)?;
                 if task.status.is_final() {
                     self.evictions.push_back((self.clock, env.task_id));
                 }
@@ -234,22 +241,30 @@ impl State {
                 break;
             }
             self.evictions.pop_front();
-            let is_final = self.tasks.get(&id).is_some_and(|t| t.status.is_final());
-            if !is_final {
-                continue;
-            }
-            if let Some(task) = self.tasks.remove(&id) {
-                self.archived
-                    .add(&digest::task_hash(&task, task.dag.hash()));
-                if let Some(key) = &task.request.idempotency_key {
-                    let k = (task.request.namespace.clone(), key.clone());
-                    if self.idempotency.get(&k) == Some(&id) {
-                        self.idempotency.remove(&k);
-                    }
-                }
+            // The entry must still describe the task (not a later task with its id).
+            let due = self
+                .tasks
+                .get(&id)
+                .is_some_and(|t| t.status.is_final() && t.finished_at.is_some_and(|f| f <= at));
+            if due {
+                self.archive(id);
                 self.stats.evicted += 1;
                 if let Some(list) = &mut self.evicted {
                     list.push(id);
+                }
+            }
+        }
+    }
+
+    /// Removes a task from memory, keeping its hash in the digest.
+    fn archive(&mut self, id: TaskId) {
+        if let Some(task) = self.tasks.remove(&id) {
+            self.archived
+                .add(&digest::task_hash(&task, task.dag.hash()));
+            if let Some(key) = &task.request.idempotency_key {
+                let k = (task.request.namespace.clone(), key.clone());
+                if self.idempotency.get(&k) == Some(&id) {
+                    self.idempotency.remove(&k);
                 }
             }
         }
@@ -274,12 +289,17 @@ impl State {
     }
 
     pub fn task(&self, id: &TaskId) -> Option<&TaskState> {
+        self.tasks.get(id).map(|t| &**t)
+    }
+
+    /// The shared handle of a task, for read views (cloning it copies nothing).
+    pub fn task_shared(&self, id: &TaskId) -> Option<&Arc<TaskState>> {
         self.tasks.get(id)
     }
 
     /// Tasks in memory, in no particular order.
     pub fn tasks(&self) -> impl Iterator<Item = &TaskState> {
-        self.tasks.values()
+        self.tasks.values().map(|t| &**t)
     }
 
     pub fn task_count(&self) -> usize {

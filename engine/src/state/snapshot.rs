@@ -128,7 +128,7 @@ impl State {
 
     /// The state as a snapshot.
     pub fn to_snapshot(&self) -> StateSnapshot {
-        StateSnapshot::from_tasks(self.tasks.values(), self.snapshot_meta())
+        StateSnapshot::from_tasks(self.tasks(), self.snapshot_meta())
     }
 
     /// Rebuilds a state from a snapshot; `None` if it is inconsistent (a task names
@@ -158,7 +158,7 @@ impl State {
                 started_at: t.started_at,
                 finished_at: t.finished_at,
             };
-            state.tasks.insert(t.id, task);
+            state.tasks.insert(t.id, Arc::new(task));
         }
         state.epoch = snapshot.epoch;
         state.answered = snapshot.answered;

@@ -68,7 +68,7 @@ mod tests {
         // 0 -> 1 -> 2 -> 0 plus a free node 3
         let cycle = topological_order(&[vec![2], vec![0], vec![1], vec![]]).unwrap_err();
         assert_eq!(cycle.len(), 3);
-        let mut sorted = cycle.clone();
+        let mut sorted = cycle;
         sorted.sort();
         assert_eq!(sorted, vec![0, 1, 2]);
         assert_eq!(topological_order(&[vec![0]]), Err(vec![0]));
