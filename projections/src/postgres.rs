@@ -1,0 +1,637 @@
+//! The PostgreSQL store: one transaction per batch, multi-row statements
+//! (`UNNEST` of bound arrays), the checkpoint compared and moved in the same
+//! transaction.
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+use tasker_engine::record::{Epoch, PartitionId, Position};
+
+use crate::batch::{Batch, Duration};
+use crate::store::{Checkpoint, StoreError};
+
+/// The read model in PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+fn ms(t: tasker_engine::record::Timestamp) -> i64 {
+    t.as_millis() as i64
+}
+
+impl PgStore {
+    /// Connects (a small pool: the projector writes through one connection per
+    /// partition; queries share the rest).
+    pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|e| StoreError::Connect(e.to_string()))?;
+        Ok(PgStore { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> PgStore {
+        PgStore { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies every migration under `migrations/`.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("../migrations")
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migrate(e.to_string()))
+    }
+
+    pub async fn checkpoint(
+        &self,
+        projector: &str,
+        partition: PartitionId,
+    ) -> Result<Checkpoint, StoreError> {
+        let row = sqlx::query(
+            "SELECT position, epoch, events, tasker_ts_to_ms(last_event_at) AS last_event_at
+             FROM tasker_projection_checkpoints WHERE projector = $1 AND log_partition = $2",
+        )
+        .bind(projector)
+        .bind(partition.0 as i32)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => Checkpoint::default(),
+            Some(r) => Checkpoint {
+                position: Position(r.try_get::<i64, _>("position")? as u64),
+                epoch: Epoch(r.try_get::<i64, _>("epoch")? as u64),
+                events: r.try_get::<i64, _>("events")? as u64,
+                last_event_at: r
+                    .try_get::<Option<i64>, _>("last_event_at")?
+                    .map(|m| tasker_engine::record::Timestamp::from_millis(m as u64)),
+            },
+        })
+    }
+
+    /// Deletes every projected row and this projector's checkpoints (for a rebuild).
+    pub async fn reset(&self, projector: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "TRUNCATE tasker_workflow_step_transitions, tasker_task_transitions,
+                      tasker_workflow_step_edges, tasker_workflow_steps, tasker_tasks,
+                      tasker_named_tasks, tasker_task_namespaces",
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM tasker_projection_checkpoints WHERE projector = $1")
+            .bind(projector)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Writes a batch and moves the checkpoint from `start` to `batch.end`, in one
+    /// transaction. Fails with [`StoreError::CheckpointMoved`] (writing nothing) if
+    /// the checkpoint is no longer at `start` (another projector got there first).
+    pub async fn apply(
+        &self,
+        projector: &str,
+        start: Position,
+        batch: &Batch,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let partition = batch.partition.0 as i32;
+        let current: Option<i64> = sqlx::query_scalar(
+            "SELECT position FROM tasker_projection_checkpoints
+             WHERE projector = $1 AND log_partition = $2 FOR UPDATE",
+        )
+        .bind(projector)
+        .bind(partition)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let at = current.unwrap_or(0) as u64;
+        if at != start.0 {
+            return Err(StoreError::CheckpointMoved {
+                partition: batch.partition,
+                expected: start,
+                found: Position(at),
+            });
+        }
+        write_rows(&mut tx, batch).await?;
+        sqlx::query(
+            "INSERT INTO tasker_projection_checkpoints
+                 (projector, log_partition, position, epoch, events, last_event_at)
+             VALUES ($1, $2, $3, $4, $5, tasker_ms_to_ts($6))
+             ON CONFLICT (projector, log_partition) DO UPDATE SET
+                 position = EXCLUDED.position,
+                 epoch = EXCLUDED.epoch,
+                 events = tasker_projection_checkpoints.events + EXCLUDED.events,
+                 last_event_at = COALESCE(EXCLUDED.last_event_at, tasker_projection_checkpoints.last_event_at)",
+        )
+        .bind(projector)
+        .bind(partition)
+        .bind(batch.end.0 as i64)
+        .bind(batch.epoch.0 as i64)
+        .bind(batch.events as i64)
+        .bind(batch.last_event_at.map(ms))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(), StoreError> {
+    let partition = b.partition.0 as i32;
+    if !b.namespaces.is_empty() {
+        let (names, ats): (Vec<String>, Vec<i64>) = b
+            .namespaces
+            .iter()
+            .map(|(n, t)| (n.clone(), ms(*t)))
+            .unzip();
+        sqlx::query(
+            "INSERT INTO tasker_task_namespaces (name, created_at)
+             SELECT u.name, tasker_ms_to_ts(u.at) FROM UNNEST($1::text[], $2::int8[]) AS u(name, at)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(names)
+        .bind(ats)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !b.named_tasks.is_empty() {
+        let mut ns = Vec::new();
+        let mut names = Vec::new();
+        let mut versions = Vec::new();
+        let mut templates = Vec::new();
+        let mut ats = Vec::new();
+        for ((n, name, version), (template, at)) in &b.named_tasks {
+            ns.push(n.clone());
+            names.push(name.clone());
+            versions.push(version.clone());
+            templates.push(template.clone());
+            ats.push(ms(*at));
+        }
+        sqlx::query(
+            "INSERT INTO tasker_named_tasks (task_namespace_id, name, version, template, created_at)
+             SELECT n.task_namespace_id, u.name, u.version, u.template::jsonb, tasker_ms_to_ts(u.at)
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[])
+                  AS u(ns, name, version, template, at)
+             JOIN tasker_task_namespaces n ON n.name = u.ns
+             ON CONFLICT (task_namespace_id, name, version) DO NOTHING",
+        )
+        .bind(ns)
+        .bind(names)
+        .bind(versions)
+        .bind(templates)
+        .bind(ats)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !b.new_tasks.is_empty() {
+        let t = &b.new_tasks;
+        sqlx::query(
+            "INSERT INTO tasker_tasks (task_id, named_task_id, status, context, requested_at,
+                 initiator, source_system, reason, tags, idempotency_key, correlation_id,
+                 log_partition, log_position, updated_at, started_at, completed_at)
+             SELECT u.task_id, nt.named_task_id, 'pending', u.context::jsonb, tasker_ms_to_ts(u.at),
+                    u.initiator, u.source_system, u.reason, u.tags::jsonb, u.idem, u.corr,
+                    $12, u.pos, tasker_ms_to_ts(u.at), NULL, NULL
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
+                         $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+                         $13::uuid[], $14::int8[])
+                  AS u(task_id, ns, name, version, context, at, initiator, source_system, reason,
+                       tags, idem, corr, pos)
+             JOIN tasker_task_namespaces n ON n.name = u.ns
+             JOIN tasker_named_tasks nt ON nt.task_namespace_id = n.task_namespace_id
+                  AND nt.name = u.name AND nt.version = u.version
+             ON CONFLICT (task_id) DO UPDATE SET
+                 named_task_id = EXCLUDED.named_task_id, status = 'pending',
+                 context = EXCLUDED.context, requested_at = EXCLUDED.requested_at,
+                 started_at = NULL, completed_at = NULL, initiator = EXCLUDED.initiator,
+                 source_system = EXCLUDED.source_system, reason = EXCLUDED.reason,
+                 tags = EXCLUDED.tags, idempotency_key = EXCLUDED.idempotency_key,
+                 correlation_id = EXCLUDED.correlation_id, log_partition = EXCLUDED.log_partition,
+                 log_position = EXCLUDED.log_position, updated_at = EXCLUDED.updated_at",
+        )
+        .bind(t.iter().map(|r| *r.task_id.as_uuid()).collect::<Vec<_>>())
+        .bind(t.iter().map(|r| r.namespace.clone()).collect::<Vec<_>>())
+        .bind(t.iter().map(|r| r.name.clone()).collect::<Vec<_>>())
+        .bind(t.iter().map(|r| r.version.clone()).collect::<Vec<_>>())
+        .bind(t.iter().map(|r| r.context.clone()).collect::<Vec<_>>())
+        .bind(t.iter().map(|r| ms(r.requested_at)).collect::<Vec<_>>())
+        .bind(t.iter().map(|r| r.initiator.clone()).collect::<Vec<_>>())
+        .bind(
+            t.iter()
+                .map(|r| r.source_system.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(t.iter().map(|r| r.reason.clone()).collect::<Vec<_>>())
+        .bind(
+            t.iter()
+                .map(|r| serde_json::to_string(&r.tags).unwrap_or_else(|_| "[]".into()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            t.iter()
+                .map(|r| r.idempotency_key.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(partition)
+        .bind(t.iter().map(|r| r.correlation_id).collect::<Vec<_>>())
+        .bind(
+            t.iter()
+                .map(|r| r.log_position.0 as i64)
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !b.new_steps.is_empty() {
+        let s = &b.new_steps;
+        sqlx::query(
+            "INSERT INTO tasker_workflow_steps (task_id, step_index, name, handler, status,
+                 attempts, retry_limit, retryable, updated_at)
+             SELECT u.task_id, u.step, u.name, u.handler, 'pending', 0, u.retry_limit, u.retryable,
+                    tasker_ms_to_ts(u.at)
+             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::bool[], $7::int8[])
+                  AS u(task_id, step, name, handler, retry_limit, retryable, at)
+             ON CONFLICT (task_id, step_index) DO UPDATE SET
+                 name = EXCLUDED.name, handler = EXCLUDED.handler, status = 'pending', attempts = 0,
+                 retry_limit = EXCLUDED.retry_limit, retryable = EXCLUDED.retryable,
+                 last_attempted_at = NULL, last_failure_at = NULL, next_retry_at = NULL,
+                 backoff_request_seconds = NULL, results = NULL, error = NULL, started_at = NULL,
+                 completed_at = NULL, duration_ms = NULL, updated_at = EXCLUDED.updated_at",
+        )
+        .bind(s.iter().map(|r| *r.task_id.as_uuid()).collect::<Vec<_>>())
+        .bind(s.iter().map(|r| r.step as i32).collect::<Vec<_>>())
+        .bind(s.iter().map(|r| r.name.clone()).collect::<Vec<_>>())
+        .bind(s.iter().map(|r| r.handler.clone()).collect::<Vec<_>>())
+        .bind(s.iter().map(|r| r.retry_limit as i32).collect::<Vec<_>>())
+        .bind(s.iter().map(|r| r.retryable).collect::<Vec<_>>())
+        .bind(s.iter().map(|r| ms(r.at)).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !b.edges.is_empty() {
+        sqlx::query(
+            "INSERT INTO tasker_workflow_step_edges (task_id, from_step, to_step)
+             SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::int4[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(b.edges.iter().map(|e| *e.0.as_uuid()).collect::<Vec<_>>())
+        .bind(b.edges.iter().map(|e| e.1 as i32).collect::<Vec<_>>())
+        .bind(b.edges.iter().map(|e| e.2 as i32).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    write_transitions(tx, b, partition).await?;
+    write_task_patches(tx, b).await?;
+    write_step_patches(tx, b).await?;
+    Ok(())
+}
+
+/// Transitions go in before the rows change, so a `from_state` the batch does not
+/// know is read from the row as it was.
+async fn write_transitions(
+    tx: &mut Transaction<'_, Postgres>,
+    b: &Batch,
+    partition: i32,
+) -> Result<(), StoreError> {
+    let (task_t, step_t): (Vec<_>, Vec<_>) = b.transitions.iter().partition(|t| t.step.is_none());
+    if !task_t.is_empty() {
+        let last = last_per_entity(task_t.iter().map(|t| (t.task_id, None::<u32>)));
+        sqlx::query(
+            "UPDATE tasker_task_transitions SET most_recent = false
+             WHERE most_recent AND task_id = ANY($1::uuid[])",
+        )
+        .bind(
+            task_t
+                .iter()
+                .map(|t| *t.task_id.as_uuid())
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO tasker_task_transitions (task_id, sort_key, from_state, to_state,
+                 most_recent, occurred_at, metadata, event_type, log_partition, log_position)
+             SELECT u.task_id, u.pos, CASE WHEN u.known THEN u.from_state ELSE t.status END,
+                    u.to_state, u.last, tasker_ms_to_ts(u.at), u.meta::jsonb, u.kind, $9, u.pos
+             FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::bool[], $5::text[], $6::bool[],
+                         $7::int8[], $8::text[], $10::text[])
+                  AS u(task_id, pos, from_state, known, to_state, last, at, meta, kind)
+             LEFT JOIN tasker_tasks t ON t.task_id = u.task_id
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(
+            task_t
+                .iter()
+                .map(|t| *t.task_id.as_uuid())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            task_t
+                .iter()
+                .map(|t| t.position.0 as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            task_t
+                .iter()
+                .map(|t| t.from_state.map(str::to_owned))
+                .collect::<Vec<_>>(),
+        )
+        .bind(task_t.iter().map(|t| t.from_known).collect::<Vec<_>>())
+        .bind(
+            task_t
+                .iter()
+                .map(|t| t.to_state.to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(last)
+        .bind(task_t.iter().map(|t| ms(t.at)).collect::<Vec<_>>())
+        .bind(
+            task_t
+                .iter()
+                .map(|t| t.metadata.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(partition)
+        .bind(
+            task_t
+                .iter()
+                .map(|t| t.event_type.to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !step_t.is_empty() {
+        let last = last_per_entity(step_t.iter().map(|t| (t.task_id, t.step)));
+        sqlx::query(
+            "UPDATE tasker_workflow_step_transitions s SET most_recent = false
+             FROM UNNEST($1::uuid[], $2::int4[]) AS u(task_id, step)
+             WHERE s.most_recent AND s.task_id = u.task_id AND s.step_index = u.step",
+        )
+        .bind(
+            step_t
+                .iter()
+                .map(|t| *t.task_id.as_uuid())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            step_t
+                .iter()
+                .map(|t| t.step.unwrap_or(0) as i32)
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO tasker_workflow_step_transitions (task_id, step_index, sort_key,
+                 from_state, to_state, most_recent, occurred_at, metadata, event_type,
+                 log_partition, log_position)
+             SELECT u.task_id, u.step, u.pos, CASE WHEN u.known THEN u.from_state ELSE s.status END,
+                    u.to_state, u.last, tasker_ms_to_ts(u.at), u.meta::jsonb, u.kind, $10, u.pos
+             FROM UNNEST($1::uuid[], $2::int4[], $3::int8[], $4::text[], $5::bool[], $6::text[],
+                         $7::bool[], $8::int8[], $9::text[], $11::text[])
+                  AS u(task_id, step, pos, from_state, known, to_state, last, at, meta, kind)
+             LEFT JOIN tasker_workflow_steps s ON s.task_id = u.task_id AND s.step_index = u.step
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(
+            step_t
+                .iter()
+                .map(|t| *t.task_id.as_uuid())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            step_t
+                .iter()
+                .map(|t| t.step.unwrap_or(0) as i32)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            step_t
+                .iter()
+                .map(|t| t.position.0 as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            step_t
+                .iter()
+                .map(|t| t.from_state.map(str::to_owned))
+                .collect::<Vec<_>>(),
+        )
+        .bind(step_t.iter().map(|t| t.from_known).collect::<Vec<_>>())
+        .bind(
+            step_t
+                .iter()
+                .map(|t| t.to_state.to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(last)
+        .bind(step_t.iter().map(|t| ms(t.at)).collect::<Vec<_>>())
+        .bind(
+            step_t
+                .iter()
+                .map(|t| t.metadata.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(partition)
+        .bind(
+            step_t
+                .iter()
+                .map(|t| t.event_type.to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// For each transition, whether it is the last of its entity in the batch.
+pub(crate) fn last_per_entity<K: Ord + Copy>(keys: impl Iterator<Item = K> + Clone) -> Vec<bool> {
+    let mut last_index = std::collections::BTreeMap::new();
+    for (i, k) in keys.clone().enumerate() {
+        last_index.insert(k, i);
+    }
+    keys.enumerate()
+        .map(|(i, k)| last_index.get(&k) == Some(&i))
+        .collect()
+}
+
+async fn write_task_patches(
+    tx: &mut Transaction<'_, Postgres>,
+    b: &Batch,
+) -> Result<(), StoreError> {
+    if b.task_patches.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::new();
+    let mut status = Vec::new();
+    let (mut set_started, mut started) = (Vec::new(), Vec::new());
+    let (mut set_completed, mut completed) = (Vec::new(), Vec::new());
+    let mut updated = Vec::new();
+    for (id, p) in &b.task_patches {
+        ids.push(*id.as_uuid());
+        status.push(p.status.map(str::to_owned));
+        let (s, v) = p.started_at.parts();
+        set_started.push(s);
+        started.push(v.map(ms));
+        let (s, v) = p.completed_at.parts();
+        set_completed.push(s);
+        completed.push(v.map(ms));
+        updated.push(p.updated_at.map(ms));
+    }
+    sqlx::query(
+        "UPDATE tasker_tasks t SET
+             status = COALESCE(u.status, t.status),
+             started_at = CASE WHEN u.set_started THEN tasker_ms_to_ts(u.started) ELSE t.started_at END,
+             completed_at = CASE WHEN u.set_completed THEN tasker_ms_to_ts(u.completed) ELSE t.completed_at END,
+             updated_at = COALESCE(tasker_ms_to_ts(u.updated), t.updated_at)
+         FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::int8[], $5::bool[], $6::int8[], $7::int8[])
+              AS u(task_id, status, set_started, started, set_completed, completed, updated)
+         WHERE t.task_id = u.task_id",
+    )
+    .bind(ids)
+    .bind(status)
+    .bind(set_started)
+    .bind(started)
+    .bind(set_completed)
+    .bind(completed)
+    .bind(updated)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn write_step_patches(
+    tx: &mut Transaction<'_, Postgres>,
+    b: &Batch,
+) -> Result<(), StoreError> {
+    if b.step_patches.is_empty() {
+        return Ok(());
+    }
+    #[derive(Default)]
+    struct Cols {
+        ids: Vec<uuid::Uuid>,
+        steps: Vec<i32>,
+        status: Vec<Option<String>>,
+        attempts: Vec<Option<i32>>,
+        set: [Vec<bool>; 8],
+        ts: [Vec<Option<i64>>; 5],
+        backoff: Vec<Option<i64>>,
+        results: Vec<Option<String>>,
+        error: Vec<Option<String>>,
+        duration_mode: Vec<i32>,
+        duration: Vec<Option<i64>>,
+        updated: Vec<Option<i64>>,
+    }
+    let mut c = Cols::default();
+    for ((id, step), p) in &b.step_patches {
+        c.ids.push(*id.as_uuid());
+        c.steps.push(*step as i32);
+        c.status.push(p.status.map(str::to_owned));
+        c.attempts.push(p.attempts.map(|a| a as i32));
+        let times = [
+            &p.last_attempted_at,
+            &p.last_failure_at,
+            &p.next_retry_at,
+            &p.started_at,
+            &p.completed_at,
+        ];
+        for (i, t) in times.iter().enumerate() {
+            let (s, v) = t.parts();
+            c.set[i].push(s);
+            c.ts[i].push(v.map(ms));
+        }
+        let (s, v) = p.backoff_request_seconds.parts();
+        c.set[5].push(s);
+        c.backoff.push(v);
+        let (s, v) = p.results.parts();
+        c.set[6].push(s);
+        c.results.push(v);
+        let (s, v) = p.error.parts();
+        c.set[7].push(s);
+        c.error.push(v);
+        let (mode, value) = match p.duration {
+            Duration::Keep => (0, None),
+            Duration::Clear => (1, None),
+            Duration::Millis(m) => (2, Some(m)),
+            Duration::EndedAt(t) => (3, Some(ms(t))),
+        };
+        c.duration_mode.push(mode);
+        c.duration.push(value);
+        c.updated.push(p.updated_at.map(ms));
+    }
+    let [
+        s_att,
+        s_fail,
+        s_retry,
+        s_start,
+        s_done,
+        s_backoff,
+        s_results,
+        s_error,
+    ] = c.set;
+    let [t_att, t_fail, t_retry, t_start, t_done] = c.ts;
+    sqlx::query(
+        "UPDATE tasker_workflow_steps s SET
+             status = COALESCE(u.status, s.status),
+             attempts = COALESCE(u.attempts, s.attempts),
+             last_attempted_at = CASE WHEN u.s_att THEN tasker_ms_to_ts(u.t_att) ELSE s.last_attempted_at END,
+             last_failure_at = CASE WHEN u.s_fail THEN tasker_ms_to_ts(u.t_fail) ELSE s.last_failure_at END,
+             next_retry_at = CASE WHEN u.s_retry THEN tasker_ms_to_ts(u.t_retry) ELSE s.next_retry_at END,
+             started_at = CASE WHEN u.s_start THEN tasker_ms_to_ts(u.t_start) ELSE s.started_at END,
+             completed_at = CASE WHEN u.s_done THEN tasker_ms_to_ts(u.t_done) ELSE s.completed_at END,
+             backoff_request_seconds = CASE WHEN u.s_backoff THEN u.backoff::int4 ELSE s.backoff_request_seconds END,
+             results = CASE WHEN u.s_results THEN u.results::jsonb ELSE s.results END,
+             error = CASE WHEN u.s_error THEN u.error::jsonb ELSE s.error END,
+             duration_ms = CASE u.dmode
+                 WHEN 0 THEN s.duration_ms
+                 WHEN 1 THEN NULL
+                 WHEN 2 THEN u.dval
+                 ELSE u.dval - tasker_ts_to_ms(s.started_at) END,
+             updated_at = COALESCE(tasker_ms_to_ts(u.updated), s.updated_at)
+         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int4[],
+                     $5::bool[], $6::int8[], $7::bool[], $8::int8[], $9::bool[], $10::int8[],
+                     $11::bool[], $12::int8[], $13::bool[], $14::int8[],
+                     $15::bool[], $16::int8[], $17::bool[], $18::text[], $19::bool[], $20::text[],
+                     $21::int4[], $22::int8[], $23::int8[])
+              AS u(task_id, step, status, attempts, s_att, t_att, s_fail, t_fail, s_retry, t_retry,
+                   s_start, t_start, s_done, t_done, s_backoff, backoff, s_results, results,
+                   s_error, error, dmode, dval, updated)
+         WHERE s.task_id = u.task_id AND s.step_index = u.step",
+    )
+    .bind(c.ids)
+    .bind(c.steps)
+    .bind(c.status)
+    .bind(c.attempts)
+    .bind(s_att)
+    .bind(t_att)
+    .bind(s_fail)
+    .bind(t_fail)
+    .bind(s_retry)
+    .bind(t_retry)
+    .bind(s_start)
+    .bind(t_start)
+    .bind(s_done)
+    .bind(t_done)
+    .bind(s_backoff)
+    .bind(c.backoff)
+    .bind(s_results)
+    .bind(c.results)
+    .bind(s_error)
+    .bind(c.error)
+    .bind(c.duration_mode)
+    .bind(c.duration)
+    .bind(c.updated)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
