@@ -17,7 +17,25 @@ use tasker_engine::runtime::{Engine, SubmitError, SubmitOutcome, new_task_id};
 
 use crate::views::TaskJson;
 
-pub fn router(engine: Arc<Engine>) -> Router {
+/// What the handlers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    /// The read model and the projector's progress, when `tasker run` projects.
+    pub read_model: Option<tasker_projections::Store>,
+    pub projector: Vec<(
+        tasker_engine::record::PartitionId,
+        Arc<tasker_projections::Progress>,
+    )>,
+}
+
+impl axum::extract::FromRef<AppState> for Arc<Engine> {
+    fn from_ref(s: &AppState) -> Arc<Engine> {
+        Arc::clone(&s.engine)
+    }
+}
+
+pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health/live", get(|| async { "ok" }))
         .route("/v1/tasks", post(create_task))
@@ -26,7 +44,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/tasks/{id}/retry", post(retry_task))
         .route("/v1/tasks/{id}/steps/{step}/resolve", post(resolve_step))
         .route("/v1/digests", get(digests))
-        .with_state(engine)
+        .route("/v1/projector", get(projector_status))
+        .with_state(state)
 }
 
 /// An RFC 9457 problem.
@@ -353,5 +372,36 @@ async fn digests(State(engine): State<Arc<Engine>>) -> Response {
             });
         }
     }
+    Json(out).into_response()
+}
+
+/// One partition's projector progress, for `tasker status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProjectorJson {
+    pub partition: u32,
+    pub position: u64,
+    pub lag_records: u64,
+    pub lag_seconds: f64,
+    pub events: u64,
+    pub retries: u64,
+}
+
+async fn projector_status(State(state): State<AppState>) -> Response {
+    let now = Timestamp::now();
+    let out: Vec<ProjectorJson> = state
+        .projector
+        .iter()
+        .map(|(p, prog)| {
+            let (lag_records, lag_seconds) = tasker_projections::projector::lag(prog, now);
+            ProjectorJson {
+                partition: p.0,
+                position: prog.position.load(std::sync::atomic::Ordering::Relaxed),
+                lag_records,
+                lag_seconds,
+                events: prog.events.load(std::sync::atomic::Ordering::Relaxed),
+                retries: prog.retries.load(std::sync::atomic::Ordering::Relaxed),
+            }
+        })
+        .collect();
     Json(out).into_response()
 }

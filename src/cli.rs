@@ -55,6 +55,18 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure throughput and latency on the embedded log.
     Bench(BenchArgs),
+    /// Run the read-model projector alone (e.g. to rebuild it).
+    Project(ProjectArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProjectArgs {
+    /// Empty the read model and project the whole log again.
+    #[arg(long)]
+    pub rebuild: bool,
+    /// Stop once the read model has caught up with the log.
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Args, Debug)]

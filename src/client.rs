@@ -80,6 +80,17 @@ impl ApiClient {
         }
     }
 
+    pub async fn projector(&self) -> anyhow::Result<Vec<crate::api::ProjectorJson>> {
+        Ok(self
+            .http
+            .get(format!("{}/v1/projector", self.base))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
     pub async fn digests(&self) -> anyhow::Result<Vec<DigestJson>> {
         Ok(self
             .http

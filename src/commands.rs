@@ -214,7 +214,7 @@ fn print_task(cli: &Cli, task: &TaskJson) -> anyhow::Result<()> {
 pub fn status(cli: &Cli, args: &StatusArgs) -> anyhow::Result<()> {
     let setup = Setup::load(cli)?;
     let running = find_running(&setup.config.data_dir);
-    if args.digest {
+    if args.digest || args.task.is_none() {
         let run = running
             .ok_or_else(|| {
                 anyhow::anyhow!(
@@ -222,15 +222,28 @@ pub fn status(cli: &Cli, args: &StatusArgs) -> anyhow::Result<()> {
                     setup.config.data_dir.display()
                 )
             })
-            .hint("`tasker status --digest` reports a live engine's digest; start `tasker run`")?;
-        let digests = runtime()?.block_on(ApiClient::new(&run.api).digests())?;
+            .hint("`tasker status` without a task reports a live engine; start `tasker run`, or give a task id")?;
+        let client = ApiClient::new(&run.api);
+        let (digests, projector) = runtime()?
+            .block_on(async { anyhow::Ok((client.digests().await?, client.projector().await?)) })?;
         if cli.json {
-            println!("{}", serde_json::to_string_pretty(&digests)?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"partitions": digests, "projector": projector})
+                )?
+            );
         } else {
-            for d in digests {
+            for d in &digests {
                 println!(
                     "partition {} position {} digest {} chain {} ({} records, {} tasks in memory)",
                     d.partition, d.position, d.digest, d.chain, d.records, d.tasks_in_memory
+                );
+            }
+            for p in &projector {
+                println!(
+                    "read model partition {} at {}: {} records / {:.1} s behind, {} events, {} retries",
+                    p.partition, p.position, p.lag_records, p.lag_seconds, p.events, p.retries
                 );
             }
         }

@@ -9,6 +9,7 @@ mod demo;
 mod drive;
 mod examples;
 mod failure;
+mod project;
 mod run;
 mod scaffold;
 mod views;
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
         Command::New(NewCommand::Handler { name, dir }) => scaffold::new_handler(name, dir),
         Command::Demo(args) => demo::demo(&cli, args),
         Command::Bench(args) => bench::bench(&cli, args),
+        Command::Project(args) => project::project(&cli, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

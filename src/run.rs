@@ -35,6 +35,20 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         .build()?;
     let bind = setup.resolved.bind;
     let info_path = run_info_path(&setup.config.data_dir);
+    let projectors = if setup.config.projector.enabled {
+        let store = rt.block_on(crate::project::open_store(&setup))?;
+        let partitions = engine.owned_partitions();
+        Some(rt.block_on(async {
+            crate::project::Projectors::start(
+                store,
+                Arc::clone(&log),
+                &partitions,
+                &crate::project::options(&setup),
+            )
+        }))
+    } else {
+        None
+    };
     rt.block_on(async {
         let templates = registry.catalog().templates().count();
         if !setup.config.api.enabled {
@@ -58,13 +72,23 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             "tasker running: {} | {templates} templates | API http://{addr} | Ctrl-C to stop",
             log.describe()
         );
-        let app = api::router(Arc::clone(&engine));
+        let app = api::router(api::AppState {
+            engine: Arc::clone(&engine),
+            read_model: projectors.as_ref().map(|p| p.store.clone()),
+            projector: projectors
+                .as_ref()
+                .map(|p| p.progress.clone())
+                .unwrap_or_default(),
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())
             .await?;
         anyhow::Ok(())
     })?;
     let _ = std::fs::remove_file(&info_path);
+    if let Some(p) = projectors {
+        rt.block_on(p.stop());
+    }
     eprintln!("stopping: finishing rounds and writing snapshots");
     match Arc::try_unwrap(engine) {
         Ok(engine) => engine.shutdown(),

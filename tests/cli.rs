@@ -252,14 +252,21 @@ fn commands_recorded_without_an_engine_run_when_it_starts() {
     let o = tasker(&data).args(["cancel", &task]).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("cannot cancel"), "{}", text(&o));
-    // The digest of the live engine is reported per partition.
+    // The digest of the live engine, and the read model's lag, per partition.
     let o = tasker(&data).args(["status", "--digest"]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(
-        String::from_utf8_lossy(&o.stdout).lines().count(),
+        out.lines().filter(|l| l.starts_with("partition ")).count(),
         4,
-        "{}",
-        text(&o)
+        "{out}"
+    );
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("read model partition "))
+            .count(),
+        4,
+        "{out}"
     );
     server.stop();
     // After a clean stop, status still answers from the log.

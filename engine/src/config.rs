@@ -53,6 +53,28 @@ pub struct Config {
     pub templates: TemplatesConfig,
     pub api: ApiConfig,
     pub database: DatabaseConfig,
+    pub projector: ProjectorConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectorConfig {
+    /// Run the read-model projector inside `tasker run`.
+    pub enabled: bool,
+    /// Records per read-model transaction, at most.
+    pub batch_records: usize,
+    /// How long a partial batch waits for more records.
+    pub max_delay: String,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        ProjectorConfig {
+            enabled: true,
+            batch_records: 10_000,
+            max_delay: "50ms".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,6 +157,7 @@ impl Default for Config {
             templates: TemplatesConfig::default(),
             api: ApiConfig::default(),
             database: DatabaseConfig::default(),
+            projector: ProjectorConfig::default(),
         }
     }
 }
@@ -210,6 +233,7 @@ pub struct Resolved {
     pub snapshot_interval: Duration,
     pub watch_interval: Duration,
     pub bind: SocketAddr,
+    pub projector_delay: Duration,
 }
 
 const ALIASES: &[(&str, &str)] = &[
@@ -364,6 +388,25 @@ impl Config {
         let snapshot_interval =
             duration("engine.snapshot_interval", &self.engine.snapshot_interval)?;
         let watch_interval = duration("templates.watch_interval", &self.templates.watch_interval)?;
+        let projector_delay = duration("projector.max_delay", &self.projector.max_delay)?;
+        if self.projector.batch_records == 0 {
+            return Err(ConfigError::new(
+                "projector.batch_records",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if let Some(url) = &self.database.url
+            && !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.starts_with("sqlite:"))
+        {
+            return Err(ConfigError::new(
+                "database.url",
+                url,
+                "must start with postgres://, postgresql:// or sqlite:",
+            ));
+        }
         let bind: SocketAddr = self.api.bind.parse().map_err(|e| {
             ConfigError::new(
                 "api.bind",
@@ -377,6 +420,7 @@ impl Config {
             snapshot_interval,
             watch_interval,
             bind,
+            projector_delay,
         })
     }
 }
