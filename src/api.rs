@@ -132,6 +132,15 @@ async fn answer(engine: &Engine, envelope: Envelope) -> Response {
             }),
         )
             .into_response(),
+        Ok(SubmitOutcome::Recorded { task_id, position }) => (
+            StatusCode::ACCEPTED,
+            Json(Accepted {
+                status: "recorded".into(),
+                task_id: task_id.to_string(),
+                position: position.0,
+            }),
+        )
+            .into_response(),
         Ok(SubmitOutcome::Applied {
             task_id, position, ..
         }) => (

@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
+use tasker_engine::config::Backend;
 use tasker_engine::handler::HandlerRegistry;
-use tasker_engine::runtime::{Engine, EngineOptions};
+use tasker_engine::runtime::{Engine, EngineOptions, GroupMembership};
 
 use crate::api;
 use crate::cli::{Cli, RunArgs};
@@ -23,11 +24,30 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         .then(|| registry.watch(setup.resolved.watch_interval));
     let log = setup.open_log()?;
     let options = EngineOptions::from_config(&setup.config, &setup.resolved);
+    let kafka = setup.config.log.backend == Backend::Kafka;
     let engine = Arc::new(
-        Engine::start(Arc::clone(&log), Arc::clone(&registry), options, None)
-            .map_err(|e| anyhow::anyhow!(e))
-            .hint("see the error above; `tasker status <task>` reads the log without an engine")?,
+        if kafka {
+            // Partitions come and go with the consumer group.
+            Engine::new(Arc::clone(&log), Arc::clone(&registry), options, None)
+        } else {
+            Engine::start(Arc::clone(&log), Arc::clone(&registry), options, None)
+        }
+        .map_err(|e| anyhow::anyhow!(e))
+        .hint("see the error above; `tasker status <task>` reads the log without an engine")?,
     );
+    let membership = if kafka {
+        Some(
+            GroupMembership::join(
+                Arc::clone(&engine),
+                &setup.kafka_config()?,
+                &setup.config.kafka.group_id,
+            )
+            .map_err(anyhow::Error::from)
+            .hint("check the brokers; the engine joins the consumer group kafka.group_id")?,
+        )
+    } else {
+        None
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tasker-api")
@@ -37,7 +57,11 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     let info_path = run_info_path(&setup.config.data_dir);
     let projectors = if setup.config.projector.enabled {
         let store = rt.block_on(crate::project::open_store(&setup))?;
-        let partitions = engine.owned_partitions();
+        // Kafka: every partition (checkpoints are compared and moved atomically, so
+        // engines projecting the same partition do not double-apply).
+        let partitions: Vec<_> = (0..log.partitions())
+            .map(tasker_engine::record::PartitionId)
+            .collect();
         Some(rt.block_on(async {
             crate::project::Projectors::start(
                 store,
@@ -90,6 +114,7 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         rt.block_on(p.stop());
     }
     eprintln!("stopping: finishing rounds and writing snapshots");
+    drop(membership);
     match Arc::try_unwrap(engine) {
         Ok(engine) => engine.shutdown(),
         Err(shared) => drop(shared),

@@ -8,6 +8,7 @@ use anyhow::Context;
 use tasker_engine::config::{Backend, Config, Resolved};
 use tasker_engine::handler::HandlerRegistry;
 use tasker_engine::log::file::{FileLog, FileLogConfig};
+use tasker_engine::log::kafka::{KafkaLog, KafkaLogConfig};
 use tasker_engine::log::{Log, LogError};
 use tasker_engine::registry::TemplateRegistry;
 
@@ -51,16 +52,38 @@ impl Setup {
                 .map_err(explain_log_error)?;
                 Ok(Arc::new(log))
             }
-            Backend::Kafka => Err(anyhow::anyhow!(
-                "log.backend = \"kafka\" is not available in this build yet"
-            ))
-            .hint("use the embedded log (log.backend = \"file\")"),
+            Backend::Kafka => {
+                let log = KafkaLog::open(self.kafka_config()?)
+                    .map_err(anyhow::Error::from)
+                    .hint(
+                        "check kafka.brokers / TASKER_KAFKA_BROKERS and that the brokers are up",
+                    )?;
+                Ok(Arc::new(log))
+            }
         }
     }
 
-    /// Opens an existing embedded log read-only (no writer lock), with the partition
-    /// count it was created with.
+    pub fn kafka_config(&self) -> anyhow::Result<KafkaLogConfig> {
+        let brokers = self
+            .config
+            .kafka
+            .brokers
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("kafka.brokers is not set"))
+            .hint("set TASKER_KAFKA_BROKERS=host:9092")?;
+        let mut c =
+            KafkaLogConfig::new(&brokers, &self.config.log.topic, self.config.log.partitions);
+        c.linger_ms = self.config.kafka.linger_ms;
+        c.batch_size = self.config.kafka.batch_size;
+        Ok(c)
+    }
+
+    /// Opens an existing log for reading (the embedded one without its writer lock,
+    /// with the partition count it was created with).
     pub fn open_log_for_reading(&self) -> anyhow::Result<Arc<dyn Log>> {
+        if self.config.log.backend == Backend::Kafka {
+            return self.open_log();
+        }
         let dir = self.log_dir();
         let log = FileLog::open_existing(&dir)
             .map_err(explain_log_error)

@@ -59,7 +59,9 @@ pub struct Progress {
     pub retries: AtomicU64,
 }
 
-/// Projects one partition until `stop` is set (or forever).
+/// Projects one partition until `stop` is set (or forever). If another projector
+/// moves the checkpoint under this one, it starts over from the new checkpoint:
+/// the comparison in the write transaction means nothing is applied twice.
 pub async fn run_partition(
     store: Store,
     log: Arc<dyn Log>,
@@ -68,6 +70,34 @@ pub async fn run_partition(
     progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), ProjectorError> {
+    loop {
+        let run = project_from_checkpoint(
+            store.clone(),
+            Arc::clone(&log),
+            partition,
+            options.clone(),
+            Arc::clone(&progress),
+            Arc::clone(&stop),
+        )
+        .await;
+        match run {
+            Err(ProjectorError::Store(StoreError::CheckpointMoved { found, .. })) => {
+                tracing::info!(%partition, %found, "another projector moved the checkpoint; continuing from it");
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn project_from_checkpoint(
+    store: Store,
+    log: Arc<dyn Log>,
+    partition: PartitionId,
+    options: ProjectorOptions,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), ProjectorError> {
+    let stop_reader = Arc::new(AtomicBool::new(false));
     let mut checkpoint = with_retry(&progress, &stop, || {
         store.checkpoint(&options.name, partition)
     })
@@ -76,13 +106,14 @@ pub async fn run_partition(
         .position
         .store(checkpoint.position.0, Ordering::Relaxed);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<StoredRecord>, LogError>>(8);
-    let reader_stop = Arc::clone(&stop);
+    let reader_stop = Arc::clone(&stop_reader);
+    let outer_stop = Arc::clone(&stop);
     let mut reader = log.reader(partition, checkpoint.position)?;
     // Log reads block: they run on their own thread and hand batches over.
     let reader_thread = std::thread::Builder::new()
         .name(format!("tasker-proj{}", partition.0))
         .spawn(move || {
-            while !reader_stop.load(Ordering::Relaxed) {
+            while !reader_stop.load(Ordering::Relaxed) && !outer_stop.load(Ordering::Relaxed) {
                 match reader.poll(8192, Duration::from_millis(100)) {
                     Ok(b) if b.is_empty() => {}
                     Ok(b) => {
@@ -162,7 +193,7 @@ pub async fn run_partition(
                 .store(end.0.saturating_sub(batch.end.0), Ordering::Relaxed);
         }
     };
-    stop.store(true, Ordering::Relaxed);
+    stop_reader.store(true, Ordering::Relaxed);
     drop(rx);
     let _ = tokio::task::spawn_blocking(move || reader_thread.join()).await;
     result

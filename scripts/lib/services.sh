@@ -49,8 +49,67 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
+# A Kafka-protocol broker: TASKER_KAFKA_BROKERS, or Nisshi (built with the nightly
+# toolchain and cached in ~/.cargo/bin; Tansu as a fallback) on a free loopback
+# port with memory storage. See ../shared/KAFKA.md for why these brokers.
+kafka_install() {
+  if command -v nisshi >/dev/null 2>&1 || command -v tansu >/dev/null 2>&1; then
+    return
+  fi
+  if cargo +nightly --version >/dev/null 2>&1; then
+    log "Kafka: installing the Nisshi broker (cargo +nightly install; ~13 min the first time)"
+    cargo +nightly install nisshi --version 0.8.1 --locked >/dev/null 2>&1 \
+      || cargo +nightly install nisshi --version 0.8.1 --locked
+  else
+    log "Kafka: no nightly toolchain; installing the Tansu broker instead (~10 min)"
+    cargo install tansu --version 0.6.0 --locked --features libsql
+  fi
+}
+
+kafka_start() {
+  if [ -n "${TASKER_KAFKA_BROKERS:-}" ]; then
+    log "Kafka: using TASKER_KAFKA_BROKERS=$TASKER_KAFKA_BROKERS"
+    return
+  fi
+  kafka_install
+  local port dir pid bin storage
+  port=$(free_port)
+  dir=$(mktemp -d /tmp/tasker-kafka.XXXXXX)
+  if command -v nisshi >/dev/null 2>&1; then
+    bin=nisshi; storage="memory://nisshi/"
+  else
+    bin=tansu; storage="sqlite://$dir/tansu.db"
+  fi
+  (cd "$dir" && exec "$bin" broker \
+      --listener-url "tcp://127.0.0.1:$port" \
+      --advertised-listener-url "tcp://127.0.0.1:$port" \
+      --storage-engine "$storage" \
+      --group-initial-rebalance-delay 0s >"$dir/broker.log" 2>&1) &
+  pid=$!
+  SERVICES_STARTED+=("pid:$pid")
+  for _ in $(seq 1 300); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "the $bin broker exited:"; cat "$dir/broker.log"; return 1
+    fi
+    if "$bin" topic list --broker "tcp://127.0.0.1:$port" >/dev/null 2>&1; then
+      break
+    fi
+    sleep 0.1
+  done
+  if [ "$bin" = tansu ]; then
+    python3 - "$dir/tansu.db" <<'PY'
+import sqlite3, sys
+sqlite3.connect(sys.argv[1]).execute("create index if not exists header_tp_off on header(topition, offset_id)")
+PY
+  fi
+  export TASKER_KAFKA_BROKERS="127.0.0.1:$port"
+  export TASKER_KAFKA_BROKER_BIN="$(command -v "$bin")"
+  log "Kafka: $bin broker at $TASKER_KAFKA_BROKERS (pid $pid)"
+}
+
 services_start() {
   postgres_start
+  kafka_start
 }
 
 services_stop() {

@@ -12,6 +12,7 @@
 #[cfg(any(test, feature = "testkit"))]
 pub mod conformance;
 pub mod file;
+pub mod kafka;
 mod partitioner;
 
 use std::path::PathBuf;
@@ -130,6 +131,13 @@ pub trait Log: Send + Sync {
 
     /// For messages: where the log lives.
     fn describe(&self) -> String;
+
+    /// Anyone may append to any partition (Kafka); commands for partitions another
+    /// engine owns can then be appended directly. False for the embedded log, whose
+    /// partitions each have one locked writer.
+    fn shared_writers(&self) -> bool {
+        false
+    }
 }
 
 /// Appends to one partition.

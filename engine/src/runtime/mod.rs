@@ -9,6 +9,7 @@ mod executor;
 mod ids;
 mod limit;
 pub mod metrics;
+mod ownership;
 mod processor;
 pub mod snapshot;
 mod timers;
@@ -28,6 +29,7 @@ pub use encode::to_record;
 pub use ids::{derive_task_id, new_task_id, partition_for_idempotency_key};
 pub use limit::AdaptiveLimit;
 pub use metrics::Metrics;
+pub use ownership::GroupMembership;
 pub use processor::ProcessorError;
 pub use timers::Timers;
 pub use view::PartitionView;
@@ -109,6 +111,9 @@ pub enum SubmitOutcome {
         position: Position,
         events: usize,
     },
+    /// Appended for a partition another engine owns (shared logs): that engine
+    /// decides it; the answer is in the log and the read model.
+    Recorded { task_id: TaskId, position: Position },
     /// Refused; recorded as `task.rejected` at `position`'s answer.
     Rejected {
         task_id: TaskId,
@@ -124,6 +129,7 @@ impl SubmitOutcome {
         match self {
             SubmitOutcome::Accepted { task_id, .. }
             | SubmitOutcome::Applied { task_id, .. }
+            | SubmitOutcome::Recorded { task_id, .. }
             | SubmitOutcome::Rejected { task_id, .. } => *task_id,
         }
     }
@@ -196,6 +202,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     observer: Option<TaskObserver>,
     partitions: Mutex<BTreeMap<PartitionId, PartitionRunner>>,
+    /// Writers for commands to partitions other engines own (shared logs only).
+    remote: Arc<Mutex<BTreeMap<PartitionId, Box<dyn crate::log::LogWriter>>>>,
     executor: Option<Executor>,
 }
 
@@ -262,6 +270,7 @@ impl Engine {
             metrics,
             observer,
             partitions: Mutex::new(BTreeMap::new()),
+            remote: Arc::new(Mutex::new(BTreeMap::new())),
             executor,
         })
     }
@@ -372,18 +381,32 @@ impl Engine {
         }
     }
 
-    /// Submits and waits for the answer.
+    /// Submits and waits for the answer. On a shared log, a command for a
+    /// partition another engine owns is appended for that engine to decide.
     pub async fn request(&self, envelope: Envelope) -> Result<SubmitOutcome, SubmitError> {
-        self.submit(envelope)?
-            .await
-            .unwrap_or(Err(SubmitError::Interrupted))
+        match self.submit(envelope.clone()) {
+            Ok(rx) => rx.await.unwrap_or(Err(SubmitError::Interrupted)),
+            Err(SubmitError::NotOwned(partition)) if self.log.shared_writers() => {
+                let (log, remote) = (Arc::clone(&self.log), Arc::clone(&self.remote));
+                tokio::task::spawn_blocking(move || {
+                    record_remote(&*log, &remote, partition, &envelope)
+                })
+                .await
+                .unwrap_or(Err(SubmitError::Interrupted))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Submits and blocks the calling (non-async) thread for the answer.
     pub fn request_blocking(&self, envelope: Envelope) -> Result<SubmitOutcome, SubmitError> {
-        self.submit(envelope)?
-            .blocking_recv()
-            .unwrap_or(Err(SubmitError::Interrupted))
+        match self.submit(envelope.clone()) {
+            Ok(rx) => rx.blocking_recv().unwrap_or(Err(SubmitError::Interrupted)),
+            Err(SubmitError::NotOwned(partition)) if self.log.shared_writers() => {
+                record_remote(&*self.log, &self.remote, partition, &envelope)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The latest published view of a partition.
@@ -431,6 +454,42 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop_all();
+    }
+}
+
+/// Appends a command to a partition this engine does not own.
+fn record_remote(
+    log: &dyn Log,
+    remote: &Mutex<BTreeMap<PartitionId, Box<dyn crate::log::LogWriter>>>,
+    partition: PartitionId,
+    envelope: &Envelope,
+) -> Result<SubmitOutcome, SubmitError> {
+    let mut writers = remote.lock().unwrap_or_else(|p| p.into_inner());
+    let writer = match writers.entry(partition) {
+        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::btree_map::Entry::Vacant(v) => match log.writer(partition) {
+            Ok(w) => v.insert(w),
+            Err(_) => return Err(SubmitError::NotOwned(partition)),
+        },
+    };
+    let namespace = match &envelope.body {
+        crate::record::Body::Command(crate::record::Command::RequestTask(r)) => {
+            Some(bytes::Bytes::from(r.namespace.clone()))
+        }
+        _ => None,
+    };
+    let record =
+        to_record(envelope, namespace, &mut Vec::new()).map_err(|_| SubmitError::NotACommand)?;
+    match writer.append(&[record]) {
+        Ok(positions) => Ok(SubmitOutcome::Recorded {
+            task_id: envelope.task_id,
+            position: positions.first().copied().unwrap_or_default(),
+        }),
+        Err(e) => {
+            tracing::warn!(%partition, error = %e, "cannot append a command for another engine");
+            writers.remove(&partition);
+            Err(SubmitError::Interrupted)
+        }
     }
 }
 

@@ -203,7 +203,7 @@ impl Processor {
             buf: Vec::with_capacity(4096),
             shutting_down: false,
         };
-        let unanswered = p.catch_up()?;
+        let mut unanswered = p.catch_up(None)?;
         p.appended_end = p.read_pos;
         p.exclusive = p.writer.as_ref().is_some_and(|w| w.exclusive());
         // Claim the partition: every older writer is fenced from here on.
@@ -219,8 +219,30 @@ impl Processor {
                 owner: p.options.owner.clone(),
             })),
         };
-        p.state.apply(&claim);
-        p.round.events.push(claim);
+        if p.exclusive {
+            // Nothing can land before the claim: apply it as it is appended.
+            p.state.apply(&claim);
+            p.round.events.push(claim);
+        } else {
+            // Others may have appended since the catch-up: fold everything up to
+            // and including the claim in log order, exactly as a replay will.
+            let record = to_record(&claim, None, &mut Vec::new())
+                .map_err(|source| ProcessorError::Encode { partition, source })?;
+            let at = p.append_now(&[record])?;
+            if let Some(claimed) = at.first() {
+                unanswered.extend(p.catch_up(Some(claimed.next()))?);
+            }
+            let answered = p.state.answered();
+            unanswered.retain(|r| Some(r.position) > answered);
+            p.appended_end = p.read_pos;
+            p.durable_end = p.read_pos;
+            if p.state.epoch() != p.epoch {
+                return Err(ProcessorError::Fenced {
+                    partition,
+                    epoch: p.state.epoch(),
+                });
+            }
+        }
         let now = Timestamp::now();
         for record in unanswered {
             p.on_command_record(&record, now);
@@ -279,13 +301,17 @@ impl Processor {
 
     /// Folds everything from `read_pos` to the end of the log; returns the commands
     /// no event answered yet, in log order.
-    fn catch_up(&mut self) -> Result<Vec<StoredRecord>, ProcessorError> {
+    /// `until`: read at least up to this position (default: the log's end now).
+    fn catch_up(&mut self, until: Option<Position>) -> Result<Vec<StoredRecord>, ProcessorError> {
         let partition = self.partition;
         let log_err = |source| ProcessorError::Log { partition, source };
         let mut reader = self.log.reader(partition, self.read_pos).map_err(log_err)?;
         let mut pending: VecDeque<StoredRecord> = VecDeque::new();
         loop {
-            let end = self.log.end(partition).map_err(log_err)?;
+            let end = match until {
+                Some(u) => u,
+                None => self.log.end(partition).map_err(log_err)?,
+            };
             if self.read_pos >= end {
                 break;
             }
@@ -889,7 +915,31 @@ impl Processor {
     fn flush(&mut self) -> Result<(), ProcessorError> {
         let round = std::mem::take(&mut self.round);
         if round.commands.is_empty() && round.events.is_empty() {
-            self.round = round;
+            let idle =
+                round.dispatch.is_empty() && round.replies.is_empty() && round.changed.is_empty();
+            if idle {
+                self.round = round;
+                return Ok(());
+            }
+            // Side effects without new records (re-dispatches after a restart): they
+            // wait only for what was appended before them.
+            let commit = Commit {
+                end: self.appended_end,
+                replies: round.replies,
+                dispatch: round.dispatch,
+                finished: round.finished,
+                views: round
+                    .changed
+                    .iter()
+                    .map(|id| (*id, self.state.task_shared(id).cloned()))
+                    .collect(),
+            };
+            if self.durable_end >= self.appended_end {
+                self.release(commit);
+            } else {
+                self.pending_dispatch += commit.dispatch.len();
+                self.commits.push_back(commit);
+            }
             return Ok(());
         }
         let mut records: Vec<Record> =

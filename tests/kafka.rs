@@ -1,0 +1,335 @@
+//! The engine on a Kafka-protocol broker, as users run it: two `tasker run`
+//! processes share a topic's partitions through a consumer group, and when one is
+//! killed with SIGKILL the other takes its partitions and finishes its tasks; a
+//! broker that stops under load and comes back loses and duplicates nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::Server;
+use tasker_engine::codec;
+use tasker_engine::log::Log;
+use tasker_engine::log::kafka::{KafkaLog, KafkaLogConfig};
+use tasker_engine::record::{Event, PartitionId, Position};
+use tasker_engine::state::{Applied, State, TaskStatus};
+
+fn brokers() -> String {
+    std::env::var("TASKER_KAFKA_BROKERS").unwrap_or_else(|_| {
+        panic!(
+            "TASKER_KAFKA_BROKERS is not set. These tests need a Kafka-protocol broker: run \
+             scripts/test (it installs and starts Nisshi), or start one and export \
+             TASKER_KAFKA_BROKERS=127.0.0.1:9092"
+        )
+    })
+}
+
+const TEMPLATE: &str = "namespace: k\nname: work\nversion: 1.0.0\nsteps:\n  - { name: a, handler: sleep, config: { ms: 20 } }\n  - { name: b, handler: sleep, depends_on: [a], config: { ms: 20 } }\n  - { name: c, handler: noop, depends_on: [b] }\n";
+
+/// Folds every partition of the topic; checks nothing applied twice.
+fn fold_all(log: &dyn Log) -> HashMap<String, TaskStatus> {
+    let mut statuses = HashMap::new();
+    for p in 0..log.partitions() {
+        let partition = PartitionId(p);
+        let end = log.end(partition).unwrap();
+        let mut reader = log.reader(partition, Position(0)).unwrap();
+        let mut state = State::default();
+        let mut completed = HashSet::new();
+        while reader.position() < end {
+            for rec in reader.poll(10_000, Duration::from_secs(2)).unwrap() {
+                let Ok(env) = codec::decode(&rec.record.payload) else {
+                    continue;
+                };
+                if state.apply(&env) == Applied::Event
+                    && let Some(Event::StepCompleted(c)) = env.as_event()
+                {
+                    assert!(
+                        completed.insert((env.task_id, c.step, c.attempt)),
+                        "applied twice: {env:?}"
+                    );
+                }
+            }
+        }
+        for t in state.tasks() {
+            statuses.insert(t.id.to_string(), t.status);
+        }
+    }
+    statuses
+}
+
+async fn owned(api: &str) -> Vec<u64> {
+    match reqwest::get(format!("{api}/v1/digests")).await {
+        Ok(r) => r
+            .json::<Vec<Value>>()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|d| d["partition"].as_u64())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn two_engines_share_partitions_and_one_takes_over_after_kill_9() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let templates = dir.path().join("templates");
+    std::fs::create_dir_all(&templates).unwrap();
+    std::fs::write(templates.join("work.yaml"), TEMPLATE).unwrap();
+    let topic = format!("tasker-cluster-{}", uuid::Uuid::now_v7().simple());
+    let brokers = brokers();
+    let env = [
+        ("TASKER_LOG__BACKEND", "kafka"),
+        ("TASKER_KAFKA_BROKERS", brokers.as_str()),
+        ("TASKER_LOG__TOPIC", topic.as_str()),
+        ("TASKER_LOG__PARTITIONS", "6"),
+        ("TASKER_KAFKA__GROUP_ID", topic.as_str()),
+        ("TASKER_PROJECTOR__ENABLED", "false"),
+    ];
+    let a = Server::start(&dir.path().join("a"), &templates, &env);
+    let b = Server::start(&dir.path().join("b"), &templates, &env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (pa, pb) = (owned(&a.api).await, owned(&b.api).await);
+            if !pa.is_empty() && !pb.is_empty() && pa.len() + pb.len() == 6 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the group never split the partitions: {pa:?} {pb:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let client = reqwest::blocking::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        let resp = client
+            .post(format!("{}/v1/tasks", a.api))
+            .json(&json!({"namespace": "k", "name": "work", "context": {"i": i}}))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 202, "{:?}", resp.text());
+        let v: Value = resp.json().unwrap();
+        assert!(
+            v["status"] == "accepted" || v["status"] == "recorded",
+            "{v}"
+        );
+        ids.push(v["task_id"].as_str().unwrap().to_owned());
+        if i == 150 {
+            b.kill9();
+            break;
+        }
+    }
+    // A takes every partition and finishes all tasks, B's included.
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while owned(&a.api).await.len() < 6 {
+            assert!(Instant::now() < deadline, "A never took B's partitions");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let log = KafkaLog::open(KafkaLogConfig::new(&brokers, &topic, 6)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let statuses = fold_all(&log);
+        let done = ids
+            .iter()
+            .filter(|id| statuses.get(*id) == Some(&TaskStatus::Complete))
+            .count();
+        if done == ids.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} of {} tasks complete",
+            ids.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    a.stop();
+}
+
+/// A broker with persistent storage on its own port, restartable.
+struct Broker {
+    child: Option<Child>,
+    port: u16,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Broker {
+    fn bin() -> String {
+        std::env::var("TASKER_KAFKA_BROKER_BIN").unwrap_or_else(|_| "nisshi".into())
+    }
+
+    fn start(port: u16, dir: tempfile::TempDir) -> Broker {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(Self::bin())
+            .current_dir(dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args([
+                "--storage-engine",
+                "sqlite://broker.db",
+                "--group-initial-rebalance-delay",
+                "0s",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} (set TASKER_KAFKA_BROKER_BIN): {e}",
+                    Self::bin()
+                )
+            });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the broker did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker {
+            child: Some(child),
+            port,
+            dir: Some(dir),
+        }
+    }
+
+    fn kill(mut self) -> (u16, tempfile::TempDir) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        let dir = self.dir.take().expect("the broker's directory");
+        (self.port, dir)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn a_broker_restart_under_load_loses_and_duplicates_nothing() {
+    use tasker_engine::handler::HandlerRegistry;
+    use tasker_engine::record::{
+        Command as Cmd, CorrelationId, Envelope, RawJson, RequestTask, TaskId, Timestamp,
+    };
+    use tasker_engine::registry::TemplateRegistry;
+    use tasker_engine::runtime::{Engine, EngineOptions};
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let broker = Broker::start(port, tempfile::TempDir::new().unwrap());
+    let brokers = format!("127.0.0.1:{port}");
+    let mut config = KafkaLogConfig::new(&brokers, "tasker-restart", 2);
+    config.linger_ms = 1;
+    let log: Arc<dyn Log> = Arc::new(KafkaLog::open(config.clone()).unwrap());
+    let registry = Arc::new(TemplateRegistry::new(
+        Arc::new(HandlerRegistry::with_builtins()),
+        None,
+    ));
+    registry.add_yaml(TEMPLATE, "work.yaml").unwrap();
+    let engine = Arc::new(
+        Engine::start(Arc::clone(&log), registry, EngineOptions::default(), None).unwrap(),
+    );
+    let submit = |i: usize| {
+        let id = TaskId::generate();
+        let env = Envelope::command(
+            id,
+            CorrelationId::NIL,
+            Timestamp::now(),
+            Cmd::RequestTask(RequestTask {
+                namespace: "k".into(),
+                name: "work".into(),
+                context: RawJson::parse(&format!(r#"{{"i": {i}}}"#)).unwrap(),
+                ..RequestTask::default()
+            }),
+        );
+        engine.request_blocking(env).map(|_| id.to_string())
+    };
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        ids.push(submit(i).unwrap());
+    }
+    // Stop the broker while steps are running; a submission made during the
+    // outage stalls, then goes through once the broker is back.
+    let (port, dir) = broker.kill();
+    let during = {
+        let engine = Arc::clone(&engine);
+        std::thread::spawn(move || {
+            let id = TaskId::generate();
+            let env = Envelope::command(
+                id,
+                CorrelationId::NIL,
+                Timestamp::now(),
+                Cmd::RequestTask(RequestTask {
+                    namespace: "k".into(),
+                    name: "work".into(),
+                    context: RawJson::empty_object(),
+                    ..RequestTask::default()
+                }),
+            );
+            engine.request_blocking(env).map(|_| id.to_string())
+        })
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        !during.is_finished(),
+        "a submission during the outage must wait, not fail"
+    );
+    let broker = Broker::start(port, dir);
+    ids.push(
+        during
+            .join()
+            .unwrap()
+            .expect("the stalled submission completes"),
+    );
+    for i in 60..120 {
+        ids.push(submit(i).expect("submissions resume after the broker is back"));
+    }
+    let fresh = KafkaLog::open(config).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let statuses = fold_all(&fresh);
+        let done = ids
+            .iter()
+            .filter(|id| statuses.get(*id) == Some(&TaskStatus::Complete))
+            .count();
+        if done == ids.len() {
+            assert_eq!(statuses.len(), ids.len(), "no extra tasks");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} of {} tasks complete",
+            ids.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    match Arc::try_unwrap(engine) {
+        Ok(e) => e.shutdown(),
+        Err(_) => panic!("engine still shared"),
+    }
+    drop(broker);
+}
