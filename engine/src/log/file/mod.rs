@@ -61,6 +61,8 @@ pub struct FileLogConfig {
     /// A segment is sealed and a new one started once it reaches this size.
     pub segment_bytes: u64,
     pub fsync: FsyncPolicy,
+    /// Test seam: consulted before every segment write and fsync.
+    pub faults: Option<Arc<dyn FaultInjector>>,
 }
 
 impl Default for FileLogConfig {
@@ -69,8 +71,26 @@ impl Default for FileLogConfig {
             partitions: 1,
             segment_bytes: 64 * 1024 * 1024,
             fsync: FsyncPolicy::Batch,
+            faults: None,
         }
     }
+}
+
+/// The file-system seam for fault injection (full disks, short writes, failing
+/// fsyncs). Production code passes none; tests implement it.
+pub trait FaultInjector: Send + Sync + std::fmt::Debug {
+    /// Before writing `len` bytes at `offset` of `path`: `Ok` to write them all,
+    /// or a fault that fails the write after its first `written` bytes.
+    fn write(&self, path: &Path, offset: u64, len: usize) -> Result<(), InjectedFault>;
+    /// Before an fsync of `path`.
+    fn sync(&self, path: &Path) -> std::io::Result<()>;
+}
+
+/// A write that fails part way.
+#[derive(Debug)]
+pub struct InjectedFault {
+    pub written: usize,
+    pub error: std::io::Error,
 }
 
 /// What readers in this process know about a partition's writer.

@@ -43,6 +43,7 @@ impl Harness for FileHarness {
             partitions,
             segment_bytes: self.segment_bytes,
             fsync: FsyncPolicy::Batch,
+            faults: None,
         };
         let log: Arc<dyn Log> = Arc::new(FileLog::open(dir.path(), config.clone())?);
         Ok(Box::new(FileTestLog {
@@ -74,6 +75,7 @@ fn open(dir: &std::path::Path, segment_bytes: u64) -> FileLog {
             partitions: 1,
             segment_bytes,
             fsync: FsyncPolicy::Batch,
+            faults: None,
         },
     )
     .expect("open")

@@ -166,24 +166,46 @@ impl FileWriter {
         Ok(())
     }
 
-    fn write_batch(&mut self) -> Result<(), std::io::Error> {
+    fn write_batch(&mut self) -> Result<(), (std::io::Error, bool)> {
+        let io = |e| (e, false);
         match self.config.fsync {
             FsyncPolicy::Always => {
                 let mut off = 0;
                 while off < self.buf.len() {
                     let len = frame_len(&self.buf[off..]);
-                    self.file.write_all(&self.buf[off..off + len])?;
-                    self.file.sync_data()?;
+                    self.write_at(off, off + len).map_err(io)?;
+                    self.sync().map_err(|e| (e, true))?;
                     off += len;
                 }
                 Ok(())
             }
             FsyncPolicy::Batch => {
-                self.file.write_all(&self.buf)?;
-                self.file.sync_data()
+                self.write_at(0, self.buf.len()).map_err(io)?;
+                self.sync().map_err(|e| (e, true))
             }
-            FsyncPolicy::Interval(_) | FsyncPolicy::Never => self.file.write_all(&self.buf),
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
+                self.write_at(0, self.buf.len()).map_err(io)
+            }
         }
+    }
+
+    /// Writes `buf[from..to]` at the end of the segment, through the fault seam.
+    fn write_at(&mut self, from: usize, to: usize) -> std::io::Result<()> {
+        if let Some(faults) = &self.config.faults
+            && let Err(fault) = faults.write(&self.path, self.seg_len + from as u64, to - from)
+        {
+            let cut = from + fault.written.min(to - from);
+            self.file.write_all(&self.buf[from..cut])?;
+            return Err(fault.error);
+        }
+        self.file.write_all(&self.buf[from..to])
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        if let Some(faults) = &self.config.faults {
+            faults.sync(&self.path)?;
+        }
+        self.file.sync_data()
     }
 }
 
@@ -230,7 +252,7 @@ impl LogWriter for FileWriter {
             }
             encode_frame(record, i + 1 == batch.len(), &mut self.buf);
         }
-        if let Err(e) = self.write_batch() {
+        if let Err((e, fsync_failed)) = self.write_batch() {
             // Roll the file back to the last whole batch so the log stays valid.
             let rollback = self
                 .file
@@ -238,6 +260,10 @@ impl LogWriter for FileWriter {
                 .and_then(|_| self.file.seek(SeekFrom::Start(self.seg_len)).map(|_| ()));
             if let Err(r) = rollback {
                 self.poisoned = Some(format!("{e}; rollback failed: {r}"));
+            } else if fsync_failed {
+                // After a failed fsync the kernel's view of the file cannot be
+                // trusted: stop; reopening recovers from what is on disk.
+                self.poisoned = Some(format!("fsync failed: {e}"));
             }
             return Err(LogError::Io {
                 op: "append",
