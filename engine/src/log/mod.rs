@@ -12,6 +12,7 @@
 #[cfg(any(test, feature = "testkit"))]
 pub mod conformance;
 pub mod file;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 mod partitioner;
 

@@ -9,6 +9,7 @@ mod executor;
 mod ids;
 mod limit;
 pub mod metrics;
+#[cfg(feature = "kafka")]
 mod ownership;
 mod processor;
 pub mod snapshot;
@@ -29,6 +30,7 @@ pub use encode::to_record;
 pub use ids::{derive_task_id, new_task_id, partition_for_idempotency_key};
 pub use limit::AdaptiveLimit;
 pub use metrics::Metrics;
+#[cfg(feature = "kafka")]
 pub use ownership::GroupMembership;
 pub use processor::ProcessorError;
 pub use timers::Timers;
