@@ -1,5 +1,6 @@
 //! Talking to a running `tasker run` from other CLI invocations: it advertises its
-//! API address in `<data_dir>/run.json`.
+//! API address in `<data_dir>/run.json`. With `auth.enabled`, the CLI sends
+//! `TASKER_API_TOKEN` as its bearer token.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,6 +30,16 @@ pub fn find_running(data_dir: &Path) -> Option<RunInfo> {
         .then_some(info)
 }
 
+fn auth_headers() -> reqwest::header::HeaderMap {
+    let mut h = reqwest::header::HeaderMap::new();
+    if let Ok(token) = std::env::var("TASKER_API_TOKEN")
+        && let Ok(v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+    {
+        h.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    h
+}
+
 /// A command's answer from the API.
 #[derive(Debug)]
 pub enum Answer {
@@ -48,6 +59,7 @@ impl ApiClient {
             base: base.trim_end_matches('/').to_owned(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
+                .default_headers(auth_headers())
                 .build()
                 .unwrap_or_default(),
         }

@@ -12,6 +12,7 @@ mod failure;
 mod project;
 mod run;
 mod scaffold;
+mod telemetry;
 mod views;
 mod wiring;
 mod workloads;
@@ -19,13 +20,17 @@ mod workloads;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command, NewCommand, TemplatesCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.verbose);
+    // Only `run` exports traces; its configuration errors are reported by `run`.
+    let telemetry = matches!(cli.command, Command::Run(_))
+        .then(|| tasker_engine::config::Config::load(cli.config.as_deref()).ok())
+        .flatten()
+        .map(|(c, _)| c.telemetry);
+    let _telemetry = telemetry::init(cli.verbose, telemetry.as_ref());
     let result = match &cli.command {
         Command::Run(args) => run::run(&cli, args),
         Command::Submit(args) => commands::submit(&cli, args),
@@ -47,25 +52,5 @@ fn main() -> ExitCode {
             failure::report(&e);
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Logs to stderr; `RUST_LOG` wins, else warnings (-v info, -vv debug).
-/// `TASKER_LOG_FORMAT=json` switches to JSON lines.
-fn init_tracing(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info,tasker=info,tasker_engine=info",
-        _ => "debug",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let json = std::env::var("TASKER_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }

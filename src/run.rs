@@ -83,6 +83,17 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             shutdown_signal().await;
             return anyhow::Ok(());
         }
+        let state = api::AppState::new(
+            Arc::clone(&engine),
+            projectors.as_ref().map(|p| p.store.clone()),
+            projectors
+                .as_ref()
+                .map(|p| p.progress.clone())
+                .unwrap_or_default(),
+            &setup.config,
+            &setup.resolved,
+        )
+        .hint("fix the [auth] key named above")?;
         let listener = tokio::net::TcpListener::bind(bind).await.hint(format!(
             "api.bind {bind} is taken; set another with TASKER_API__BIND"
         ))?;
@@ -96,14 +107,7 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             "tasker running: {} | {templates} templates | API http://{addr} | Ctrl-C to stop",
             log.describe()
         );
-        let app = api::router(api::AppState {
-            engine: Arc::clone(&engine),
-            read_model: projectors.as_ref().map(|p| p.store.clone()),
-            projector: projectors
-                .as_ref()
-                .map(|p| p.progress.clone())
-                .unwrap_or_default(),
-        });
+        let app = api::router(state);
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())
             .await?;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tasker_engine::record::Timestamp;
 use tasker_engine::state::TaskState;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema, async_graphql::SimpleObject)]
 pub struct TaskJson {
     pub task_id: String,
     pub correlation_id: String,
@@ -27,7 +27,7 @@ pub struct TaskJson {
     pub steps: Vec<StepJson>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema, async_graphql::SimpleObject)]
 pub struct StepJson {
     pub name: String,
     pub handler: String,
@@ -44,7 +44,7 @@ pub struct StepJson {
     pub error: Option<StepErrorJson>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema, async_graphql::SimpleObject)]
 pub struct StepErrorJson {
     pub kind: String,
     pub message: String,

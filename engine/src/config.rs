@@ -54,6 +54,9 @@ pub struct Config {
     pub api: ApiConfig,
     pub database: DatabaseConfig,
     pub projector: ProjectorConfig,
+    pub auth: AuthConfig,
+    pub health: HealthConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,6 +140,146 @@ pub struct TemplatesConfig {
 pub struct ApiConfig {
     pub enabled: bool,
     pub bind: String,
+    /// Request bodies larger than this are refused (413).
+    pub max_body_bytes: usize,
+    /// JSON bodies nested deeper than this are refused (400).
+    pub max_json_depth: usize,
+}
+
+/// Bearer-token authentication of the HTTP API (`/health/live` and
+/// `/health/ready` never need it).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub enabled: bool,
+    /// Static bearer tokens with their permissions.
+    pub tokens: Vec<StaticToken>,
+    /// JSON Web Tokens signed with a configured key.
+    pub jwt: Option<JwtConfig>,
+}
+
+/// One static bearer token.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticToken {
+    /// Who holds it (logs, never the token itself).
+    pub name: String,
+    pub token: String,
+    /// `tasker.<resource>:<action>`, `tasker.<resource>:*` or `*`.
+    pub permissions: Vec<String>,
+    /// Namespaces the permissions apply to; `*` (the default) is every namespace.
+    #[serde(default = "all_namespaces")]
+    pub namespaces: Vec<String>,
+}
+
+fn all_namespaces() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+/// How JWT bearer tokens are verified. Claims: `exp` (required), `sub`, and the
+/// permission and namespace lists named by `permissions_claim` / `namespaces_claim`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// `HS256` (shared `secret`) or `RS256` (`public_key_file`, PEM).
+    pub algorithm: String,
+    pub secret: Option<String>,
+    pub public_key_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp`/`nbf`.
+    pub leeway: String,
+    pub permissions_claim: String,
+    pub namespaces_claim: String,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            algorithm: "HS256".into(),
+            secret: None,
+            public_key_file: None,
+            issuer: None,
+            audience: None,
+            leeway: "30s".into(),
+            permissions_claim: "permissions".into(),
+            namespaces_claim: "namespaces".into(),
+        }
+    }
+}
+
+/// The resources and actions of API permissions (`tasker.<resource>:<action>`).
+pub const PERMISSIONS: &[(&str, &[&str])] = &[
+    ("task", &["create", "index", "show", "cancel", "retry"]),
+    ("workflow_step", &["show", "resolve"]),
+    ("handler", &["index"]),
+    ("analytics", &["index"]),
+    ("metrics", &["index"]),
+    ("health_status", &["index"]),
+];
+
+/// Checks a permission's form: `*`, `tasker.<resource>:*` or `tasker.<resource>:<action>`.
+pub fn check_permission(p: &str) -> Result<(), String> {
+    if p == "*" {
+        return Ok(());
+    }
+    let known = || {
+        PERMISSIONS
+            .iter()
+            .map(|(r, a)| format!("tasker.{r}:{}", a.join("|")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Some((resource, action)) = p.strip_prefix("tasker.").and_then(|r| r.split_once(':')) else {
+        return Err(format!(
+            "not `tasker.<resource>:<action>` or `*`; known: {}",
+            known()
+        ));
+    };
+    match PERMISSIONS.iter().find(|(r, _)| *r == resource) {
+        Some((_, actions)) if action == "*" || actions.contains(&action) => Ok(()),
+        _ => Err(format!("unknown permission; known: {}", known())),
+    }
+}
+
+/// What `/health/ready` and `/health/status` accept and cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Not ready while any partition's projector is more records behind than this...
+    pub max_projector_lag_records: u64,
+    /// ...or its newest projected event is older than the log's by more than this.
+    pub max_projector_lag: String,
+    /// How long `/health/status` reuses its counts.
+    pub status_cache: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            max_projector_lag_records: 100_000,
+            max_projector_lag: "60s".into(),
+            status_cache: "15s".into(),
+        }
+    }
+}
+
+/// Traces and logs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP collector, e.g. `http://127.0.0.1:4318` (needs the `otlp` build feature).
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "tasker".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -158,6 +301,9 @@ impl Default for Config {
             api: ApiConfig::default(),
             database: DatabaseConfig::default(),
             projector: ProjectorConfig::default(),
+            auth: AuthConfig::default(),
+            health: HealthConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -221,6 +367,8 @@ impl Default for ApiConfig {
         ApiConfig {
             enabled: true,
             bind: "127.0.0.1:7878".into(),
+            max_body_bytes: 1024 * 1024,
+            max_json_depth: 64,
         }
     }
 }
@@ -234,6 +382,9 @@ pub struct Resolved {
     pub watch_interval: Duration,
     pub bind: SocketAddr,
     pub projector_delay: Duration,
+    pub health_max_projector_lag: Duration,
+    pub health_status_cache: Duration,
+    pub jwt_leeway: Duration,
 }
 
 const ALIASES: &[(&str, &str)] = &[
@@ -414,6 +565,33 @@ impl Config {
                 format!("not an address like 127.0.0.1:7878: {e}"),
             )
         })?;
+        if self.api.max_body_bytes < 1024 {
+            return Err(ConfigError::new(
+                "api.max_body_bytes",
+                self.api.max_body_bytes,
+                "must be at least 1024",
+            ));
+        }
+        if !(2..=1024).contains(&self.api.max_json_depth) {
+            return Err(ConfigError::new(
+                "api.max_json_depth",
+                self.api.max_json_depth,
+                "must be between 2 and 1024",
+            ));
+        }
+        let jwt_leeway = self.validate_auth()?;
+        let health_max_projector_lag =
+            duration("health.max_projector_lag", &self.health.max_projector_lag)?;
+        let health_status_cache = duration("health.status_cache", &self.health.status_cache)?;
+        if let Some(url) = &self.telemetry.otlp_endpoint
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::new(
+                "telemetry.otlp_endpoint",
+                url,
+                "must be an http:// or https:// URL",
+            ));
+        }
         Ok(Resolved {
             fsync,
             retention,
@@ -421,10 +599,88 @@ impl Config {
             watch_interval,
             bind,
             projector_delay,
+            health_max_projector_lag,
+            health_status_cache,
+            jwt_leeway,
         })
     }
 }
 
+impl Config {
+    /// `[auth]`: every token has a name, a secret and known permissions; the JWT
+    /// key matches its algorithm. Returns the JWT leeway.
+    fn validate_auth(&self) -> Result<Duration, ConfigError> {
+        let auth = &self.auth;
+        for (i, t) in auth.tokens.iter().enumerate() {
+            let key = |field: &str| format!("auth.tokens[{i}].{field}");
+            if t.name.trim().is_empty() {
+                return Err(ConfigError::new(&key("name"), &t.name, "must not be empty"));
+            }
+            if t.token.len() < 16 {
+                return Err(ConfigError {
+                    key: key("token"),
+                    value: None,
+                    message: "must be at least 16 characters".into(),
+                });
+            }
+            if auth.tokens[..i].iter().any(|o| o.token == t.token) {
+                return Err(ConfigError {
+                    key: key("token"),
+                    value: None,
+                    message: "is used by another token".into(),
+                });
+            }
+            for p in &t.permissions {
+                check_permission(p).map_err(|m| ConfigError::new(&key("permissions"), p, m))?;
+            }
+            if t.namespaces.is_empty() {
+                return Err(ConfigError {
+                    key: key("namespaces"),
+                    value: None,
+                    message: "must name at least one namespace (or `*` for all)".into(),
+                });
+            }
+        }
+        let Some(jwt) = &auth.jwt else {
+            if auth.enabled && auth.tokens.is_empty() {
+                return Err(ConfigError {
+                    key: "auth.enabled".into(),
+                    value: Some("true".into()),
+                    message: "needs auth.tokens or auth.jwt, or nobody can call the API".into(),
+                });
+            }
+            return Ok(Duration::from_secs(30));
+        };
+        match jwt.algorithm.as_str() {
+            "HS256" => {
+                if jwt.secret.as_deref().is_none_or(|s| s.len() < 32) {
+                    return Err(ConfigError {
+                        key: "auth.jwt.secret".into(),
+                        value: None,
+                        message: "HS256 needs a secret of at least 32 bytes".into(),
+                    });
+                }
+            }
+            "RS256" => {
+                if jwt.public_key_file.is_none() {
+                    return Err(ConfigError {
+                        key: "auth.jwt.public_key_file".into(),
+                        value: None,
+                        message: "RS256 needs a PEM public key file".into(),
+                    });
+                }
+            }
+            other => {
+                return Err(ConfigError::new(
+                    "auth.jwt.algorithm",
+                    other,
+                    "must be HS256 or RS256",
+                ));
+            }
+        }
+        duration("auth.jwt.leeway", &jwt.leeway)
+    }
+}
 fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(text.trim())
         .map_err(|e| ConfigError::new(key, text, format!("not a duration like 30s or 15m: {e}")))
@@ -479,6 +735,37 @@ mod tests {
         assert_eq!(r.fsync, FsyncPolicy::Batch);
         assert_eq!(r.retention, Duration::from_secs(900));
         assert_eq!(r.bind.port(), 7878);
+        assert!(!c.auth.enabled);
+        assert_eq!(c.api.max_body_bytes, 1 << 20);
+        assert_eq!(r.health_status_cache, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn auth_tokens_and_jwt_parse() {
+        let toml = r#"
+[auth]
+enabled = true
+[[auth.tokens]]
+name = "ops"
+token = "0123456789abcdef"
+permissions = ["tasker.task:*", "tasker.metrics:index"]
+namespaces = ["shop"]
+[auth.jwt]
+algorithm = "HS256"
+secret = "0123456789abcdef0123456789abcdef"
+"#;
+        let (c, r) = Config::from_sources(toml, "tasker.toml", env(&[])).unwrap();
+        assert_eq!(c.auth.tokens.len(), 1);
+        assert_eq!(c.auth.tokens[0].namespaces, vec!["shop".to_owned()]);
+        assert_eq!(
+            c.auth.jwt.as_ref().unwrap().permissions_claim,
+            "permissions"
+        );
+        assert_eq!(r.jwt_leeway, Duration::from_secs(30));
+        assert!(check_permission("*").is_ok());
+        assert!(check_permission("tasker.workflow_step:resolve").is_ok());
+        assert!(check_permission("tasker.workflow_step:cancel").is_err());
+        assert!(check_permission("task:create").is_err());
     }
 
     #[test]
@@ -534,6 +821,37 @@ mod tests {
             ("", &[("TASKER_LOG__BAKEND", "file")], "TASKER_LOG__BAKEND"),
             ("", &[("TASKER_LOG__PARTITIONS", "many")], "partitions"),
             ("[log\n", &[], "tasker.toml"),
+            (
+                "[api]\nmax_body_bytes = 10",
+                &[],
+                "api.max_body_bytes` = \"10\"",
+            ),
+            ("[auth]\nenabled = true", &[], "auth.enabled"),
+            (
+                "[[auth.tokens]]\nname = \"ci\"\ntoken = \"0123456789abcdef\"\npermissions = [\"tasker.task:fly\"]",
+                &[],
+                "auth.tokens[0].permissions` = \"tasker.task:fly\"",
+            ),
+            (
+                "[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"short\"",
+                &[],
+                "auth.jwt.secret",
+            ),
+            (
+                "[auth.jwt]\nalgorithm = \"ES256\"",
+                &[],
+                "auth.jwt.algorithm` = \"ES256\"",
+            ),
+            (
+                "",
+                &[("TASKER_HEALTH__STATUS_CACHE", "often")],
+                "health.status_cache` = \"often\"",
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"grpc:4317\"",
+                &[],
+                "telemetry.otlp_endpoint",
+            ),
         ];
         for (toml, vars, expected) in cases {
             let err = Config::from_sources(toml, "tasker.toml", env(vars)).unwrap_err();

@@ -150,7 +150,17 @@ fn dispatch(
 /// (a timed-out handler future is dropped, which cancels it).
 async fn run(handler: Arc<dyn StepHandler>, ctx: StepContext) -> StepOutcome {
     let timeout = ctx.timeout;
-    let call = std::panic::AssertUnwindSafe(handler.call(ctx)).catch_unwind();
+    let span = tracing::info_span!(
+        "step",
+        task_id = %ctx.task_id,
+        step = %ctx.step,
+        attempt = ctx.attempt,
+        correlation_id = %ctx.correlation_id,
+    );
+    let call = tracing::Instrument::instrument(
+        std::panic::AssertUnwindSafe(handler.call(ctx)).catch_unwind(),
+        span,
+    );
     match tokio::time::timeout(timeout, call).await {
         Err(_) => StepOutcome::Failed(StepError::timeout(timeout.as_millis() as u64)),
         Ok(Err(payload)) => {

@@ -637,6 +637,14 @@ impl Processor {
             return;
         };
         let task = envelope.task_id;
+        let _span = tracing::info_span!(
+            "command",
+            r#type = command.record_type().name(),
+            task_id = %task,
+            correlation_id = %envelope.correlation_id,
+            position = position.0,
+        )
+        .entered();
         if partition_for_task(task, self.partitions) != self.partition {
             let r = Rejection::new(
                 RejectReason::WrongPartition,

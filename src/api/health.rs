@@ -1,0 +1,276 @@
+//! Health: `/health/live` (the process answers), `/health/ready` (the log is
+//! writable, the read model reachable and migrated, the projector keeping up) and
+//! `/health/status` (counts by status from `get_system_health_counts_v01`, cached).
+//! Live and ready never need a token.
+
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{Extension, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tasker_engine::record::Timestamp;
+use tasker_engine::runtime::PartitionStatus;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::auth::{Permission, Principal};
+use super::problem::Problem;
+use super::read;
+
+/// `/health/live`'s answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Live {
+    pub status: String,
+}
+
+/// One readiness check.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Check {
+    /// `log`, `read_model`, `migrations` or `projector`.
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// `/health/ready`'s answer (200 when every check is ok, else 503).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Ready {
+    /// `ready` or `not_ready`.
+    pub status: String,
+    pub checks: Vec<Check>,
+}
+
+/// One partition as this engine runs it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PartitionHealth {
+    pub partition: u32,
+    /// `starting`, `live`, `restarting` or `stopped`.
+    pub status: String,
+    pub error: Option<String>,
+    pub tasks_in_memory: usize,
+}
+
+/// `/health/status`'s answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Status {
+    /// Task and step counts by status and retry situation
+    /// (`get_system_health_counts_v01`), or null without a read model.
+    pub counts: Option<serde_json::Value>,
+    pub partitions: Vec<PartitionHealth>,
+    /// When the counts were computed (they are reused for `health.status_cache`).
+    pub computed_at: String,
+}
+
+/// The cached answer of `/health/status`.
+#[derive(Debug, Default)]
+pub struct StatusCache(tokio::sync::Mutex<Option<(Instant, Timestamp, Option<serde_json::Value>)>>);
+
+/// The process answers.
+#[utoipa::path(get, path = "/health/live", tag = "health", security(()),
+    responses((status = 200, body = Live)))]
+pub async fn live() -> Json<Live> {
+    Json(Live {
+        status: "ok".into(),
+    })
+}
+
+fn partition_health(state: &AppState) -> Vec<PartitionHealth> {
+    state
+        .engine
+        .owned_partitions()
+        .into_iter()
+        .map(|p| {
+            let (status, error) = match state.engine.status(p) {
+                Some(PartitionStatus::Starting) | None => ("starting", None),
+                Some(PartitionStatus::Live) => ("live", None),
+                Some(PartitionStatus::Restarting { error }) => ("restarting", Some(error)),
+                Some(PartitionStatus::Stopped { error }) => ("stopped", error),
+            };
+            PartitionHealth {
+                partition: p.0,
+                status: status.into(),
+                error,
+                tasks_in_memory: state.engine.view(p).map(|v| v.tasks.len()).unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
+async fn check_read_model(state: &AppState, checks: &mut Vec<Check>) {
+    let Some(store) = &state.read_model else {
+        checks.push(Check {
+            name: "read_model".into(),
+            ok: true,
+            detail: "not configured (projector.enabled = false)".into(),
+        });
+        return;
+    };
+    let timeout = Duration::from_secs(2);
+    match tokio::time::timeout(timeout, read::missing_migrations(store)).await {
+        Ok(Ok(missing)) => {
+            checks.push(Check {
+                name: "read_model".into(),
+                ok: true,
+                detail: format!("{} reachable", store.kind()),
+            });
+            checks.push(Check {
+                name: "migrations".into(),
+                ok: missing.is_empty(),
+                detail: if missing.is_empty() {
+                    "all applied".into()
+                } else {
+                    format!("not applied: {}", missing.join(", "))
+                },
+            });
+        }
+        Ok(Err(e)) => checks.push(Check {
+            name: "read_model".into(),
+            ok: false,
+            detail: e.to_string(),
+        }),
+        Err(_) => checks.push(Check {
+            name: "read_model".into(),
+            ok: false,
+            detail: format!("no answer within {timeout:?}"),
+        }),
+    }
+}
+
+fn check_projector(state: &AppState, checks: &mut Vec<Check>) {
+    if state.projector.is_empty() {
+        return;
+    }
+    let (max_records, max_age) = (
+        state.settings.max_projector_lag_records,
+        state.settings.max_projector_lag,
+    );
+    let mut behind = Vec::new();
+    let mut worst = (0u64, 0f64);
+    for p in super::audit::projector_progress(state) {
+        let end = state
+            .engine
+            .log()
+            .end(tasker_engine::record::PartitionId(p.partition));
+        let records = end
+            .map(|e| e.0.saturating_sub(p.position))
+            .unwrap_or(p.lag_records);
+        worst = (worst.0.max(records), worst.1.max(p.lag_seconds));
+        if records > max_records || p.lag_seconds > max_age.as_secs_f64() {
+            behind.push(format!(
+                "partition {} is {records} records / {:.1}s behind",
+                p.partition, p.lag_seconds
+            ));
+        }
+    }
+    checks.push(Check {
+        name: "projector".into(),
+        ok: behind.is_empty(),
+        detail: if behind.is_empty() {
+            format!(
+                "at most {} records / {:.1}s behind (limits {max_records} / {max_age:?})",
+                worst.0, worst.1
+            )
+        } else {
+            behind.join("; ")
+        },
+    });
+}
+
+/// Ready for traffic: every partition's processor is live (so its writer can
+/// append), the read model answers with every migration applied, and the
+/// projector is within `health.max_projector_lag_records` / `max_projector_lag`.
+#[utoipa::path(get, path = "/health/ready", tag = "health", security(()),
+    responses((status = 200, body = Ready), (status = 503, body = Ready)))]
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let mut checks = Vec::new();
+    let parts = partition_health(&state);
+    let bad: Vec<String> = parts
+        .iter()
+        .filter(|p| p.status != "live")
+        .map(|p| {
+            format!(
+                "partition {} {}{}",
+                p.partition,
+                p.status,
+                p.error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    let kafka = state.engine.log().shared_writers();
+    checks.push(Check {
+        name: "log".into(),
+        ok: bad.is_empty() && (kafka || !parts.is_empty()),
+        detail: if !bad.is_empty() {
+            bad.join("; ")
+        } else if parts.is_empty() {
+            if kafka {
+                "no partition assigned yet (consumer group)".into()
+            } else {
+                "no partition running".into()
+            }
+        } else {
+            format!(
+                "{} partitions live on {}",
+                parts.len(),
+                state.engine.log().describe()
+            )
+        },
+    });
+    check_read_model(&state, &mut checks).await;
+    check_projector(&state, &mut checks);
+    let ok = checks.iter().all(|c| c.ok);
+    let body = Ready {
+        status: if ok { "ready" } else { "not_ready" }.into(),
+        checks,
+    };
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+/// Counts by status (cached for `health.status_cache`, 15 s by default) and the
+/// partitions this engine runs.
+#[utoipa::path(get, path = "/health/status", tag = "health",
+    responses((status = 200, body = Status), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 503, body = Problem)))]
+pub async fn status(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+) -> Result<Json<Status>, Problem> {
+    who.require_all_namespaces(Permission::HealthStatusIndex)?;
+    let mut cache = state.status_cache.0.lock().await;
+    let fresh = cache
+        .as_ref()
+        .is_some_and(|(at, _, _)| at.elapsed() < state.settings.status_cache);
+    if !fresh {
+        let now = Timestamp::now();
+        let counts = match &state.read_model {
+            Some(store) => {
+                let c = store
+                    .health_counts(now)
+                    .await
+                    .map_err(|e| Problem::read_model(&e))?;
+                Some(serde_json::to_value(c).unwrap_or_default())
+            }
+            None => None,
+        };
+        *cache = Some((Instant::now(), now, counts));
+    }
+    let (_, computed_at, counts) =
+        cache
+            .clone()
+            .unwrap_or((Instant::now(), Timestamp::now(), None));
+    Ok(Json(Status {
+        counts,
+        partitions: partition_health(&state),
+        computed_at: computed_at.to_string(),
+    }))
+}
