@@ -8,7 +8,12 @@
 //! ```sh
 //! cargo bench -p tasker --bench http_load                       # 10,000/s for 30 s
 //! cargo bench -p tasker --bench http_load -- --rate 12000 --seconds 30 --connections 128
+//! cargo bench -p tasker --bench http_load -- --project-after   # read model built after the load
 //! ```
+//!
+//! By default `tasker run` projects into its SQLite read model while serving, as
+//! deployed; `--project-after` starts it with `projector.enabled = false` and runs
+//! `tasker project --once` after the load, to measure the API and engine alone.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark program
 
 use std::collections::HashSet;
@@ -36,6 +41,7 @@ struct Args {
     rate: u64,
     seconds: u64,
     connections: usize,
+    project_after: bool,
 }
 
 fn args() -> Args {
@@ -43,11 +49,15 @@ fn args() -> Args {
         rate: 10_000,
         seconds: 30,
         connections: 128,
+        project_after: false,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < argv.len() {
         let value = argv.get(i + 1).and_then(|v| v.parse::<u64>().ok());
+        if argv[i] == "--project-after" {
+            a.project_after = true;
+        }
         match (argv[i].as_str(), value) {
             ("--rate", Some(v)) => a.rate = v,
             ("--seconds", Some(v)) => a.seconds = v,
@@ -78,7 +88,7 @@ impl Drop for Server {
 }
 
 #[allow(clippy::zombie_processes)] // `Server::drop` waits for the child
-fn start(dir: &Path) -> Server {
+fn start(dir: &Path, project: bool) -> Server {
     let templates = dir.join("templates");
     std::fs::create_dir_all(&templates).unwrap();
     std::fs::write(templates.join("one.yaml"), TEMPLATE).unwrap();
@@ -97,6 +107,10 @@ fn start(dir: &Path) -> Server {
         .arg("--templates")
         .arg(&templates)
         .env("TASKER_API__BIND", "127.0.0.1:0")
+        .env(
+            "TASKER_PROJECTOR__ENABLED",
+            if project { "true" } else { "false" },
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -255,8 +269,8 @@ fn scratch() -> PathBuf {
 fn main() {
     let a = args();
     let dir = scratch();
-    let server = start(&dir);
-    let addr = server.api.clone();
+    let mut server = Some(start(&dir, !a.project_after));
+    let addr = server.as_ref().map(|s| s.api.clone()).unwrap_or_default();
     println!(
         "http_load: POST /v1/tasks at {}/s for {} s over {} connections against {addr} (data in {})",
         a.rate,
@@ -326,16 +340,53 @@ fn main() {
         h.max() as f64 / 1000.0
     );
 
+    // Where the time went, from the server's own histograms.
+    let client = reqwest::blocking::Client::new();
+    if let Ok(text) = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .and_then(|r| r.text())
+    {
+        let q = |name: &str, quantile: &str| {
+            let series = format!("{name}{{quantile=\"{quantile}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        println!(
+            "server: log append (write + fsync) p50 {:.2} ms p99 {:.2} ms; records per append p50 {:.0} p99 {:.0}",
+            q("tasker_log_append_duration_seconds_quantiles", "0.5") * 1000.0,
+            q("tasker_log_append_duration_seconds_quantiles", "0.99") * 1000.0,
+            q("tasker_log_append_batch_records_quantiles", "0.5"),
+            q("tasker_log_append_batch_records_quantiles", "0.99"),
+        );
+    }
+
     // Nothing lost: wait for the projector, then every accepted task is in the read model.
     let caught_up = Instant::now();
+    if a.project_after {
+        drop(server.take());
+        let status = Command::new(env!("CARGO_BIN_EXE_tasker"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["project", "--once"])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "tasker project --once failed");
+    }
     let deadline = caught_up + Duration::from_secs(600);
-    let client = reqwest::blocking::Client::new();
     loop {
-        let p: Value = client
-            .get(format!("http://{addr}/v1/projector"))
-            .send()
-            .and_then(|r| r.json())
-            .unwrap_or(Value::Null);
+        let p: Value = if server.is_some() {
+            client
+                .get(format!("http://{addr}/v1/projector"))
+                .send()
+                .and_then(|r| r.json())
+                .unwrap_or(Value::Null)
+        } else {
+            Value::Null
+        };
         let behind: u64 = p
             .as_array()
             .map(|a| {

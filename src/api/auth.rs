@@ -81,7 +81,7 @@ impl Scope {
 /// Who is calling, and what they may do.
 #[derive(Debug, Clone)]
 pub struct Principal {
-    pub subject: String,
+    pub subject: Arc<str>,
     grants: Arc<Vec<String>>,
     scope: Arc<Scope>,
 }
@@ -89,16 +89,19 @@ pub struct Principal {
 impl Principal {
     /// Auth disabled: every permission in every namespace.
     pub fn unrestricted() -> Principal {
-        Principal {
-            subject: "anonymous".into(),
-            grants: Arc::new(vec!["*".into()]),
-            scope: Arc::new(Scope::All),
-        }
+        static ANONYMOUS: std::sync::OnceLock<Principal> = std::sync::OnceLock::new();
+        ANONYMOUS
+            .get_or_init(|| Principal {
+                subject: "anonymous".into(),
+                grants: Arc::new(vec!["*".into()]),
+                scope: Arc::new(Scope::All),
+            })
+            .clone()
     }
 
     pub fn new(subject: &str, grants: Vec<String>, namespaces: &[String]) -> Principal {
         Principal {
-            subject: subject.to_owned(),
+            subject: subject.into(),
             grants: Arc::new(grants),
             scope: Arc::new(Scope::from_list(namespaces)),
         }

@@ -179,7 +179,7 @@ impl MutationRoot {
         let c = call(ctx)?;
         let id = parse_id(&id)?;
         let cmd = Command::CancelTask(CancelTask {
-            requested_by: Some(c.who.subject.clone()),
+            requested_by: Some(c.who.subject.to_string()),
             reason,
         });
         Ok(c.state
@@ -197,7 +197,7 @@ impl MutationRoot {
         let c = call(ctx)?;
         let id = parse_id(&id)?;
         let cmd = Command::RetryTask(RetryTask {
-            requested_by: Some(c.who.subject.clone()),
+            requested_by: Some(c.who.subject.to_string()),
             reason,
         });
         Ok(c.state
@@ -220,7 +220,7 @@ impl MutationRoot {
         let cmd = Command::ResolveStep(ResolveStep {
             step,
             result: result.as_ref().map(RawJson::from_value),
-            resolved_by: Some(c.who.subject.clone()),
+            resolved_by: Some(c.who.subject.to_string()),
             reason,
             skip_dependents,
         });

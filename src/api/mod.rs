@@ -69,7 +69,7 @@ pub struct AppState {
     /// The read model, when `tasker run` projects.
     pub read_model: Option<tasker_projections::Store>,
     /// The projector's progress per partition.
-    pub projector: Vec<(PartitionId, Arc<tasker_projections::Progress>)>,
+    pub projector: Arc<[(PartitionId, Arc<tasker_projections::Progress>)]>,
     pub settings: Arc<Settings>,
     pub auth: Arc<auth::Auth>,
     pub status_cache: Arc<health::StatusCache>,
@@ -103,7 +103,7 @@ impl AppState {
         Ok(AppState {
             engine,
             read_model,
-            projector,
+            projector: projector.into(),
             settings: Arc::new(Settings {
                 max_body_bytes: config.api.max_body_bytes,
                 max_projector_lag_records: config.health.max_projector_lag_records,
