@@ -113,3 +113,13 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+impl Drop for Server {
+    /// A test that fails half way must not leave its server running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
