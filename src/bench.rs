@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::json;
 use tasker_engine::handler::HandlerRegistry;
+use tasker_engine::log::Log;
 use tasker_engine::log::file::{FileLog, FileLogConfig, FsyncPolicy};
+use tasker_engine::log::kafka::{KafkaLog, KafkaLogConfig};
 use tasker_engine::record::{
     Command, CorrelationId, Envelope, RawJson, RequestTask, TaskId, Timestamp,
 };
@@ -45,14 +47,40 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         .add_yaml(&yaml, &origin)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .hint("check the template with `tasker templates check <dir>`")?;
-    let log = Arc::new(FileLog::open(
-        dir.path().join("log"),
-        FileLogConfig {
-            partitions: args.partitions,
-            fsync,
-            ..FileLogConfig::default()
-        },
-    )?);
+    let setup = crate::wiring::Setup::load(cli)?;
+    let kafka = setup.config.log.backend == tasker_engine::config::Backend::Kafka;
+    if !args.engines.is_empty() {
+        if !kafka {
+            return Err(anyhow::anyhow!("--engines needs the Kafka backend"))
+                .hint("set TASKER_LOG__BACKEND=kafka and TASKER_KAFKA_BROKERS");
+        }
+        return scale_out(cli, args, &setup, &yaml, &template);
+    }
+    let mut ceiling = None;
+    let log: Arc<dyn Log> = if kafka {
+        // A fresh topic per run; the broker's raw ceiling is measured first with the
+        // same producer settings and record sizes.
+        let mut config = setup.kafka_config()?;
+        config.topic = format!("tasker-bench-{}", uuid::Uuid::now_v7().simple());
+        config.partitions = args.partitions;
+        let records = args.tasks * events_per_task(&template);
+        if !cli.json {
+            eprintln!(
+                "bench: measuring the broker's raw ceiling ({records} records of ~100 bytes, produce + consume)"
+            );
+        }
+        ceiling = Some(kafka_ceiling(&config, records)?);
+        Arc::new(KafkaLog::open(config)?)
+    } else {
+        Arc::new(FileLog::open(
+            dir.path().join("log"),
+            FileLogConfig {
+                partitions: args.partitions,
+                fsync,
+                ..FileLogConfig::default()
+            },
+        )?)
+    };
     let (observer, done) = drive::observer();
     let options = EngineOptions {
         snapshot_dir: Some(dir.path().join("snapshots")),
@@ -143,6 +171,9 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         "append_batch_records": {"p50": batch.value_at_quantile(0.5), "p99": batch.value_at_quantile(0.99), "max": batch.max()},
         "rss_kib": {"before": rss_before, "after_each_wave": rss_waves, "tasks_in_memory": m.tasks_in_memory.get()},
         "executor_limit": m.executor_limit.get(),
+        "backend": if kafka { "kafka" } else { "file" },
+        "broker_ceiling_records_per_s": ceiling,
+        "fraction_of_ceiling": ceiling.map(|c| (events as f64 / secs) / c),
     });
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -156,6 +187,12 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
     );
     if let Some(r) = out.offered_rate {
         println!("offered        {r:>12.0} tasks/s");
+    }
+    if let Some(c) = ceiling {
+        println!(
+            "broker ceiling {c:>12.0} records/s (produce + consume, same settings): the engine used {:.0}% of it",
+            100.0 * (events as f64 / secs) / c
+        );
     }
     println!(
         "latency ms     p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}   (submit -> task terminal)",
@@ -179,5 +216,125 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         m.tasks_in_memory.get()
     );
     engine.shutdown();
+    Ok(())
+}
+
+/// Records a task of this template writes when it runs once: the request, its
+/// acceptance, start and completion, and a start and completion per step.
+fn events_per_task(template: &tasker_engine::template::Template) -> usize {
+    4 + 2 * template.snapshot().steps.len()
+}
+
+/// The broker's raw ceiling: records/s when the same number of ~100-byte records
+/// are produced (one producer per partition, batches of 500) and consumed back
+/// concurrently (one reader per partition), as the engine does.
+fn kafka_ceiling(config: &KafkaLogConfig, records: usize) -> anyhow::Result<f64> {
+    use tasker_engine::log::{Headers, Record};
+    use tasker_engine::record::{ContentType, Kind, PartitionId, Position, RecordType};
+    let mut config = config.clone();
+    config.topic = format!("{}-ceiling", config.topic);
+    let log = Arc::new(KafkaLog::open(config.clone())?);
+    let partitions = config.partitions.max(1);
+    let per_partition = records.div_ceil(partitions as usize);
+    let started = std::time::Instant::now();
+    let mut readers = Vec::new();
+    let mut writers = Vec::new();
+    for p in 0..partitions {
+        let log_r = Arc::clone(&log);
+        readers.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut r = log_r.reader(PartitionId(p), Position(0))?;
+            let mut got = 0;
+            while got < per_partition {
+                got += r.poll(10_000, Duration::from_secs(5))?.len();
+            }
+            Ok(())
+        }));
+        let log_w = Arc::clone(&log);
+        writers.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut w = log_w.writer(PartitionId(p))?;
+            let record = Record {
+                key: TaskId::generate(),
+                headers: Headers {
+                    content_type: ContentType::Bincode,
+                    kind: Some(Kind::Event),
+                    record_type: Some(RecordType::StepCompleted),
+                    schema: 1,
+                    namespace: Some(bytes::Bytes::from_static(b"bench")),
+                },
+                timestamp: Timestamp::now(),
+                payload: bytes::Bytes::from(vec![7u8; 100]),
+            };
+            let batch = vec![record; 500];
+            let mut sent = 0;
+            while sent < per_partition {
+                let n = (per_partition - sent).min(batch.len());
+                w.append(&batch[..n])?;
+                sent += n;
+            }
+            Ok(())
+        }));
+    }
+    for w in writers {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("a ceiling writer panicked"))??;
+    }
+    for r in readers {
+        r.join()
+            .map_err(|_| anyhow::anyhow!("a ceiling reader panicked"))??;
+    }
+    Ok((per_partition * partitions as usize) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `--engines`: the workload on N engine processes, for each N given.
+fn scale_out(
+    cli: &Cli,
+    args: &BenchArgs,
+    setup: &crate::wiring::Setup,
+    yaml: &str,
+    template: &tasker_engine::template::Template,
+) -> anyhow::Result<()> {
+    let config = setup.kafka_config()?;
+    let mut runs = Vec::new();
+    for &n in &args.engines {
+        if !cli.json {
+            eprintln!(
+                "bench: {} tasks on {n} engine process(es), {} partitions",
+                args.tasks, args.partitions
+            );
+        }
+        let run = crate::scaleout::run(
+            &config,
+            yaml,
+            template,
+            args.tasks,
+            args.partitions,
+            n,
+            cli.json,
+        )?;
+        if !cli.json {
+            println!(
+                "{n} engine(s)   {:>10.0} tasks/s   ({:.2} s)",
+                run.tasks_per_s, run.seconds
+            );
+        }
+        runs.push(run);
+    }
+    let base = runs.first().map(|r| r.tasks_per_s).unwrap_or(1.0);
+    if cli.json {
+        let out: Vec<_> = runs
+            .iter()
+            .map(|r| json!({"engines": r.engines, "seconds": r.seconds, "tasks_per_s": r.tasks_per_s, "speedup": r.tasks_per_s / base}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for r in &runs[1..] {
+            println!(
+                "speed-up of {} engines over {}: {:.2}x",
+                r.engines,
+                runs[0].engines,
+                r.tasks_per_s / base
+            );
+        }
+    }
     Ok(())
 }

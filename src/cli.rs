@@ -203,4 +203,9 @@ pub struct BenchArgs {
     /// finished tasks outlive the retention).
     #[arg(long, default_value_t = 1)]
     pub waves: usize,
+    /// Kafka only: run the workload on this many `tasker run` processes sharing the
+    /// topic through the consumer group (a list like `1,2` runs each and reports the
+    /// speed-up).
+    #[arg(long, value_delimiter = ',')]
+    pub engines: Vec<usize>,
 }

@@ -11,6 +11,7 @@ mod examples;
 mod failure;
 mod project;
 mod run;
+mod scaleout;
 mod scaffold;
 mod telemetry;
 mod views;

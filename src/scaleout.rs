@@ -1,0 +1,247 @@
+//! `tasker bench --engines N[,M...]` on Kafka: the same workload run by N `tasker
+//! run` processes sharing one topic through the consumer group, timed from the
+//! first command produced to the last `task.completed` read from the topic.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tasker_engine::codec;
+use tasker_engine::log::kafka::{KafkaLog, KafkaLogConfig};
+use tasker_engine::log::{Log, partition_for_task};
+use tasker_engine::record::{
+    Command as Cmd, CorrelationId, Envelope, Event, PartitionId, RawJson, RecordType, RequestTask,
+    TaskId, Timestamp,
+};
+use tasker_engine::runtime::to_record;
+use tasker_engine::template::Template;
+
+/// One run's result.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub engines: usize,
+    pub seconds: f64,
+    pub tasks_per_s: f64,
+}
+
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+        }
+        for c in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn owned(api: &str) -> Vec<u64> {
+    reqwest::blocking::get(format!("{api}/v1/digests"))
+        .ok()
+        .and_then(|r| r.json::<Vec<serde_json::Value>>().ok())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| d["partition"].as_u64())
+        .collect()
+}
+
+/// Runs `tasks` tasks of `template` on `engines` processes.
+pub fn run(
+    base: &KafkaLogConfig,
+    template_yaml: &str,
+    template: &Template,
+    tasks: usize,
+    partitions: u32,
+    engines: usize,
+    quiet: bool,
+) -> anyhow::Result<Run> {
+    let dir = tempfile::TempDir::new()?;
+    let templates = dir.path().join("templates");
+    std::fs::create_dir_all(&templates)?;
+    std::fs::write(templates.join("bench.yaml"), template_yaml)?;
+    let mut config = base.clone();
+    config.topic = format!("tasker-scaleout-{}", uuid::Uuid::now_v7().simple());
+    config.partitions = partitions;
+    let log: Arc<dyn Log> = Arc::new(KafkaLog::open(config.clone())?);
+    let exe = std::env::current_exe()?;
+    let mut children = Children(Vec::new());
+    let mut apis = Vec::new();
+    for i in 0..engines {
+        let data = dir.path().join(format!("engine{i}"));
+        std::fs::create_dir_all(&data)?;
+        let child = Command::new(&exe)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("run")
+            .arg("--templates")
+            .arg(&templates)
+            .env("TASKER_LOG__BACKEND", "kafka")
+            .env("TASKER_KAFKA_BROKERS", &config.brokers)
+            .env("TASKER_LOG__TOPIC", &config.topic)
+            .env("TASKER_LOG__PARTITIONS", partitions.to_string())
+            .env("TASKER_KAFKA__GROUP_ID", &config.topic)
+            .env("TASKER_PROJECTOR__ENABLED", "false")
+            .env("TASKER_API__BIND", "127.0.0.1:0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting an engine process")?;
+        children.0.push(child);
+        apis.push(wait_api(&data, children.0.last_mut())?);
+    }
+    // Wait for the group to spread every partition over the engines.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let owned: Vec<Vec<u64>> = apis.iter().map(|a| owned(a)).collect();
+        let total: usize = owned.iter().map(Vec::len).sum();
+        if total == partitions as usize
+            && owned
+                .iter()
+                .all(|o| !o.is_empty() || engines > partitions as usize)
+        {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the consumer group never assigned every partition: {owned:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Watch every partition for terminal tasks, from the current end.
+    let (tx, rx) = crossbeam_channel::unbounded::<TaskId>();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut watchers = Vec::new();
+    for p in 0..partitions {
+        let (log, tx, stop) = (Arc::clone(&log), tx.clone(), Arc::clone(&stop));
+        let from = log.end(PartitionId(p))?;
+        watchers.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut r = log.reader(PartitionId(p), from)?;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for rec in r.poll(10_000, Duration::from_millis(100))? {
+                    let terminal = matches!(
+                        rec.record.headers.record_type,
+                        Some(RecordType::TaskCompleted | RecordType::TaskFailed)
+                    );
+                    if terminal
+                        && let Ok(env) = codec::decode(&rec.record.payload)
+                        && matches!(
+                            env.as_event(),
+                            Some(Event::TaskCompleted | Event::TaskFailed(_))
+                        )
+                    {
+                        let _ = tx.send(env.task_id);
+                    }
+                }
+            }
+            Ok(())
+        }));
+    }
+    // Produce every command straight to its partition, one producer per partition.
+    let snapshot = template.snapshot();
+    let mut per_partition: Vec<Vec<Envelope>> = vec![Vec::new(); partitions as usize];
+    let mut ids = HashSet::with_capacity(tasks);
+    for _ in 0..tasks {
+        let id = TaskId::generate();
+        ids.insert(id);
+        per_partition[partition_for_task(id, partitions).0 as usize].push(Envelope::command(
+            id,
+            CorrelationId::from_uuid(*id.as_uuid()),
+            Timestamp::now(),
+            Cmd::RequestTask(RequestTask {
+                namespace: snapshot.namespace.clone(),
+                name: snapshot.name.clone(),
+                version: Some(snapshot.version.clone()),
+                context: RawJson::empty_object(),
+                ..RequestTask::default()
+            }),
+        ));
+    }
+    let started = Instant::now();
+    let mut producers = Vec::new();
+    for (p, envs) in per_partition.into_iter().enumerate() {
+        let log = Arc::clone(&log);
+        let ns = bytes::Bytes::from(snapshot.namespace.clone());
+        producers.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut w = log.writer(PartitionId(p as u32))?;
+            let mut buf = Vec::new();
+            for chunk in envs.chunks(1_000) {
+                let records = chunk
+                    .iter()
+                    .map(|e| to_record(e, Some(ns.clone()), &mut buf))
+                    .collect::<Result<Vec<_>, _>>()?;
+                w.append(&records)?;
+            }
+            Ok(())
+        }));
+    }
+    for p in producers {
+        p.join()
+            .map_err(|_| anyhow::anyhow!("a producer panicked"))??;
+    }
+    let progress = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(tasks as u64)
+    };
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut left = ids;
+    while !left.is_empty() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} tasks did not finish",
+            left.len()
+        );
+        if let Ok(id) = rx.recv_timeout(Duration::from_millis(200))
+            && left.remove(&id)
+        {
+            progress.inc(1);
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in watchers {
+        let _ = w.join();
+    }
+    drop(children);
+    Ok(Run {
+        engines,
+        seconds,
+        tasks_per_s: tasks as f64 / seconds,
+    })
+}
+
+fn wait_api(data: &Path, child: Option<&mut Child>) -> anyhow::Result<String> {
+    let info = data.join("run.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let child = child.ok_or_else(|| anyhow::anyhow!("no engine process"))?;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&info)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && let Some(api) = v["api"].as_str()
+        {
+            return Ok(api.to_owned());
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("an engine process exited with {status}");
+        }
+        anyhow::ensure!(Instant::now() < deadline, "an engine process did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
