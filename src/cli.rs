@@ -57,6 +57,85 @@ pub enum Command {
     Bench(BenchArgs),
     /// Run the read-model projector alone (e.g. to rebuild it).
     Project(ProjectArgs),
+    /// Refold the log into each partition's state digest and hash-chain head.
+    Replay(ReplayArgs),
+    /// Verify the log's integrity, or show a task's history and past state.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Follow the log's events as they are appended.
+    Tail(TailArgs),
+    /// List every record type with its kind, fields and meaning.
+    Events,
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// Stop here: a position (the records before it, as `status --digest` reports
+    /// positions) or an RFC 3339 time (up to the first record stamped later).
+    #[arg(long)]
+    pub to: Option<tasker_engine::audit::Bound>,
+    /// Only this partition.
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Compare with every snapshot and chain checkpoint the engine wrote and name
+    /// the first position where they disagree.
+    #[arg(long)]
+    pub verify: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check that no record was changed, dropped or reordered, and name the
+    /// position if one was (see docs/audit.md).
+    Verify(AuditVerifyArgs),
+    /// A task's history (every command and event) and its state at a point.
+    Task(AuditTaskArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AuditVerifyArgs {
+    /// Only this partition.
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Do not extend the seal (by default a clean run seals what it verified).
+    #[arg(long)]
+    pub no_seal: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct AuditTaskArgs {
+    /// The task id.
+    pub task: String,
+    /// Show the task as of a position (the records before it) or an RFC 3339 time.
+    #[arg(long)]
+    pub at: Option<tasker_engine::audit::Bound>,
+    /// Read the whole partition instead of using (and updating) the task index.
+    #[arg(long)]
+    pub no_index: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TailArgs {
+    /// Record types to show, e.g. `task.completed,step.failed` (default: every event).
+    #[arg(long = "type")]
+    pub types: Vec<String>,
+    /// Only records of these namespaces.
+    #[arg(long = "namespace")]
+    pub namespaces: Vec<String>,
+    /// Where to start: `earliest`, `latest`, a position (in every partition) or an
+    /// RFC 3339 time. A named subscription resumes from its committed position.
+    #[arg(long, default_value = "latest")]
+    pub from: tasker_engine::subscribe::StartAt,
+    /// Subscribe durably under this name: positions are committed (a cursor file
+    /// on the embedded log, the consumer group on Kafka) and the next run resumes.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Stop at the end of the log instead of following it.
+    #[arg(long)]
+    pub no_follow: bool,
 }
 
 #[derive(Args, Debug)]

@@ -1,18 +1,22 @@
 //! `tasker`: the command line, the HTTP API and the wiring of the engine.
 
 mod api;
+mod audit;
 mod bench;
 mod cli;
 mod client;
 mod commands;
 mod demo;
 mod drive;
+mod events;
 mod examples;
 mod failure;
 mod project;
+mod replay;
 mod run;
 mod scaleout;
 mod scaffold;
+mod tail;
 mod telemetry;
 mod views;
 mod wiring;
@@ -22,7 +26,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, NewCommand, TemplatesCommand};
+use crate::cli::{AuditCommand, Cli, Command, NewCommand, TemplatesCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -46,6 +50,11 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::demo(&cli, args),
         Command::Bench(args) => bench::bench(&cli, args),
         Command::Project(args) => project::project(&cli, args),
+        Command::Replay(args) => replay::replay(&cli, args),
+        Command::Audit(AuditCommand::Verify(args)) => audit::verify(&cli, args),
+        Command::Audit(AuditCommand::Task(args)) => audit::task(&cli, args),
+        Command::Tail(args) => tail::tail(&cli, args),
+        Command::Events => events::events(&cli),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

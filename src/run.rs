@@ -48,6 +48,22 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    // Every event as CloudEvents JSON to `mirror.topic`, for the partitions owned.
+    let mirror = if kafka && setup.config.mirror.enabled {
+        let owner = Arc::clone(&engine);
+        Some(
+            tasker_engine::mirror::Mirror::start(
+                Arc::clone(&log),
+                &setup.kafka_config()?,
+                &setup.config.mirror.topic,
+                move || owner.owned_partitions(),
+            )
+            .map_err(anyhow::Error::from)
+            .hint("check the brokers and mirror.topic")?,
+        )
+    } else {
+        None
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tasker-api")
@@ -118,6 +134,7 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         rt.block_on(p.stop());
     }
     eprintln!("stopping: finishing rounds and writing snapshots");
+    drop(mirror);
     drop(membership);
     match Arc::try_unwrap(engine) {
         Ok(engine) => engine.shutdown(),

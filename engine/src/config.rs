@@ -54,6 +54,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub database: DatabaseConfig,
     pub projector: ProjectorConfig,
+    pub mirror: MirrorConfig,
     pub auth: AuthConfig,
     pub health: HealthConfig,
     pub telemetry: TelemetryConfig,
@@ -76,6 +77,27 @@ impl Default for ProjectorConfig {
             enabled: true,
             batch_records: 10_000,
             max_delay: "50ms".into(),
+        }
+    }
+}
+
+/// The JSON mirror: every event republished as a CloudEvents JSON message to a
+/// Kafka topic, for consumers in any language (Kafka backend only; on the embedded
+/// log `tasker tail --json` prints the same lines).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MirrorConfig {
+    /// Run the mirror inside `tasker run`.
+    pub enabled: bool,
+    /// The topic it publishes to (created with the log's partition count).
+    pub topic: String,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            enabled: false,
+            topic: "tasker.events.json".into(),
         }
     }
 }
@@ -301,6 +323,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             database: DatabaseConfig::default(),
             projector: ProjectorConfig::default(),
+            mirror: MirrorConfig::default(),
             auth: AuthConfig::default(),
             health: HealthConfig::default(),
             telemetry: TelemetryConfig::default(),
@@ -558,6 +581,7 @@ impl Config {
                 "must start with postgres://, postgresql:// or sqlite:",
             ));
         }
+        self.validate_mirror()?;
         let bind: SocketAddr = self.api.bind.parse().map_err(|e| {
             ConfigError::new(
                 "api.bind",
@@ -681,6 +705,41 @@ impl Config {
         duration("auth.jwt.leeway", &jwt.leeway)
     }
 }
+
+impl Config {
+    fn validate_mirror(&self) -> Result<(), ConfigError> {
+        let topic = &self.mirror.topic;
+        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if topic.is_empty()
+            || topic.len() > 249
+            || topic == "."
+            || topic == ".."
+            || !topic.chars().all(legal)
+        {
+            return Err(ConfigError::new(
+                "mirror.topic",
+                topic,
+                "must be a Kafka topic name: 1-249 of A-Z a-z 0-9 . _ -",
+            ));
+        }
+        if *topic == self.log.topic {
+            return Err(ConfigError::new(
+                "mirror.topic",
+                topic,
+                "must differ from log.topic (the mirror would read its own output)",
+            ));
+        }
+        if self.mirror.enabled && self.log.backend != Backend::Kafka {
+            return Err(ConfigError::new(
+                "mirror.enabled",
+                true,
+                "the mirror publishes to Kafka and needs log.backend = \"kafka\"; on the embedded log, `tasker tail --json` prints the same CloudEvents",
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(text.trim())
         .map_err(|e| ConfigError::new(key, text, format!("not a duration like 30s or 15m: {e}")))
@@ -855,6 +914,39 @@ secret = "0123456789abcdef0123456789abcdef"
         ];
         for (toml, vars, expected) in cases {
             let err = Config::from_sources(toml, "tasker.toml", env(vars)).unwrap_err();
+            assert!(
+                err.to_string().contains(expected),
+                "{err} should contain {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_mirror_is_off_by_default_and_validated() {
+        let (c, _) = Config::from_sources("", "defaults", env(&[])).unwrap();
+        assert!(!c.mirror.enabled);
+        assert_eq!(c.mirror.topic, "tasker.events.json");
+        let kafka = [
+            ("TASKER_LOG__BACKEND", "kafka"),
+            ("TASKER_KAFKA_BROKERS", "h:9092"),
+        ];
+        let (c, _) = Config::from_sources("[mirror]\nenabled = true\n", "t", env(&kafka)).unwrap();
+        assert!(c.mirror.enabled);
+        for (toml, vars, expected) in [
+            ("[mirror]\nenabled = true", &[][..], "mirror.enabled"),
+            (
+                "[mirror]\ntopic = \"a b\"",
+                &kafka[..],
+                "mirror.topic` = \"a b\"",
+            ),
+            (
+                "[mirror]\ntopic = \"tasker.log\"",
+                &kafka[..],
+                "must differ from log.topic",
+            ),
+            ("[mirror]\ntopic = \"\"", &[][..], "mirror.topic"),
+        ] {
+            let err = Config::from_sources(toml, "t", env(vars)).unwrap_err();
             assert!(
                 err.to_string().contains(expected),
                 "{err} should contain {expected}"

@@ -8,16 +8,23 @@
 //! The pure core (`record`, `codec`, `state`, `decide`, `template`) does no I/O,
 //! reads no clock and spawns nothing.
 
+#[cfg(feature = "runtime")]
+pub mod audit;
+pub mod cloudevents;
 pub mod codec;
 pub mod config;
 pub mod decide;
 #[cfg(feature = "runtime")]
 pub mod handler;
 pub mod log;
+#[cfg(feature = "kafka")]
+pub mod mirror;
 pub mod record;
 #[cfg(feature = "runtime")]
 pub mod registry;
 #[cfg(feature = "runtime")]
 pub mod runtime;
 pub mod state;
+#[cfg(feature = "runtime")]
+pub mod subscribe;
 pub mod template;

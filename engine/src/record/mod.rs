@@ -1,13 +1,16 @@
 //! Records: ids, the envelope, commands, events, type names. The vocabulary of the log.
 
+mod catalog;
 mod command;
 mod envelope;
 mod event;
 mod ids;
 mod json;
 mod snapshot;
+mod to_json;
 mod types;
 
+pub use catalog::{COMMON_FIELDS, CatalogEntry, ENGINE_FIELDS, Field, catalog, catalog_markdown};
 pub use command::{
     CancelTask, Command, ReportStepResult, RequestTask, ResolveStep, RetryTask, StepError,
     StepErrorKind, StepOutcome,
@@ -21,4 +24,5 @@ pub use event::{
 pub use ids::{CorrelationId, Epoch, PartitionId, Position, StepId, TaskId, Timestamp};
 pub use json::RawJson;
 pub use snapshot::{BackoffSpec, StepSpec, TemplateSnapshot};
+pub use to_json::record_json;
 pub use types::{ContentType, Kind, RecordType, UnknownName};

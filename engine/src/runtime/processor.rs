@@ -1099,7 +1099,14 @@ impl Processor {
                 }
             }
         }
-        self.publish(true);
+        // Exclusive writers run ahead of durability: the view describes the log up
+        // to this batch's end, not up to what is appended after it.
+        let position = if self.exclusive {
+            commit.end
+        } else {
+            self.read_pos
+        };
+        self.publish_at(position, true);
         for (pos, outcome) in commit.replies {
             if let Some(reply) = self.waiting.remove(&pos) {
                 let _ = reply.send(Ok(outcome));
@@ -1202,12 +1209,17 @@ impl Processor {
     }
 
     fn publish(&mut self, live: bool) {
+        self.publish_at(self.read_pos, live);
+    }
+
+    /// Publishes the view as the fold of the records before `position`.
+    fn publish_at(&mut self, position: Position, live: bool) {
         self.metrics
             .tasks_in_memory
             .set(self.state.task_count() as i64);
         self.view.store(Arc::new(PartitionView {
             partition: self.partition,
-            read_position: self.read_pos,
+            read_position: position,
             appended: self.appended_end,
             epoch: self.epoch,
             tasks: self.view_tasks.clone(),
@@ -1235,6 +1247,10 @@ impl Processor {
         let Some(store) = self.snapshots.clone() else {
             return;
         };
+        // Waiting (at shutdown) includes a snapshot still being written.
+        if wait && let Some(job) = self.snapshot_job.take() {
+            let _ = job.join();
+        }
         if !self.settled() || self.events_since_snapshot == 0 {
             return;
         }

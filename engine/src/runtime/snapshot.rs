@@ -80,6 +80,11 @@ impl SnapshotStore {
     /// Writes a snapshot file durably, then prunes old ones.
     pub fn write(&self, file: SnapshotFile) -> Result<PathBuf, SnapshotError> {
         let (partition, position) = (file.partition, file.position);
+        let checkpoint = crate::audit::checkpoints::Checkpoint {
+            position,
+            chain: file.chain.head(),
+            digest: file.digest,
+        };
         let dir = self.partition_dir(partition);
         let io = |op, path: &Path| {
             let path = path.to_owned();
@@ -106,6 +111,10 @@ impl SnapshotStore {
         fs::File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(io("sync", &dir))?;
+        // The chain checkpoint outlives the snapshot (audits compare against it).
+        if let Err(e) = crate::audit::checkpoints::append(&self.dir, partition, &checkpoint) {
+            tracing::warn!(error = %e, "cannot append the chain checkpoint");
+        }
         for old in self.list(partition).into_iter().rev().skip(KEEP) {
             let _ = fs::remove_file(old.1);
         }

@@ -2,10 +2,10 @@
 //! with length + CRC32C, group commit, torn-tail recovery and an exclusive writer
 //! lock. See `format` for the bytes and `scan` for recovery rules.
 
-mod format;
+pub(crate) mod format;
 mod reader;
 mod scan;
-mod segment;
+pub(crate) mod segment;
 mod writer;
 
 use std::fs;
