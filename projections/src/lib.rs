@@ -7,8 +7,13 @@
 pub mod batch;
 pub mod postgres;
 pub mod projector;
+pub mod read_model;
 pub mod sqlite;
 pub mod store;
 
 pub use projector::{Progress, ProjectorOptions, run_partition};
+pub use read_model::{
+    AnalyticsMetrics, DependencyLevel, ExecutionContext, HealthCounts, SlowStep, SlowTask,
+    SlowestFilter, StepReadiness, StepRow, TaskRow,
+};
 pub use store::{Checkpoint, Store, StoreError};

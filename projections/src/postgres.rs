@@ -294,7 +294,8 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(),
 }
 
 /// Transitions go in before the rows change, so a `from_state` the batch does not
-/// know is read from the row as it was.
+/// know is read from the row as it was (looked up only for those, not joined for
+/// every transition).
 async fn write_transitions(
     tx: &mut Transaction<'_, Postgres>,
     b: &Batch,
@@ -303,27 +304,26 @@ async fn write_transitions(
     let (task_t, step_t): (Vec<_>, Vec<_>) = b.transitions.iter().partition(|t| t.step.is_none());
     if !task_t.is_empty() {
         let last = last_per_entity(task_t.iter().map(|t| (t.task_id, None::<u32>)));
+        // Each entity once (a batch holds several transitions of most of them).
+        let ids: std::collections::BTreeSet<uuid::Uuid> =
+            task_t.iter().map(|t| *t.task_id.as_uuid()).collect();
         sqlx::query(
             "UPDATE tasker_task_transitions SET most_recent = false
              WHERE most_recent AND task_id = ANY($1::uuid[])",
         )
-        .bind(
-            task_t
-                .iter()
-                .map(|t| *t.task_id.as_uuid())
-                .collect::<Vec<_>>(),
-        )
+        .bind(ids.into_iter().collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
         sqlx::query(
             "INSERT INTO tasker_task_transitions (task_id, sort_key, from_state, to_state,
                  most_recent, occurred_at, metadata, event_type, log_partition, log_position)
-             SELECT u.task_id, u.pos, CASE WHEN u.known THEN u.from_state ELSE t.status END,
+             SELECT u.task_id, u.pos,
+                    CASE WHEN u.known THEN u.from_state
+                         ELSE (SELECT t.status FROM tasker_tasks t WHERE t.task_id = u.task_id) END,
                     u.to_state, u.last, tasker_ms_to_ts(u.at), u.meta::jsonb, u.kind, $9, u.pos
              FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::bool[], $5::text[], $6::bool[],
                          $7::int8[], $8::text[], $10::text[])
                   AS u(task_id, pos, from_state, known, to_state, last, at, meta, kind)
-             LEFT JOIN tasker_tasks t ON t.task_id = u.task_id
              ON CONFLICT DO NOTHING",
         )
         .bind(
@@ -371,35 +371,32 @@ async fn write_transitions(
     }
     if !step_t.is_empty() {
         let last = last_per_entity(step_t.iter().map(|t| (t.task_id, t.step)));
+        let keys: std::collections::BTreeSet<(uuid::Uuid, i32)> = step_t
+            .iter()
+            .map(|t| (*t.task_id.as_uuid(), t.step.unwrap_or(0) as i32))
+            .collect();
+        let (ids, steps): (Vec<uuid::Uuid>, Vec<i32>) = keys.into_iter().unzip();
         sqlx::query(
             "UPDATE tasker_workflow_step_transitions s SET most_recent = false
              FROM UNNEST($1::uuid[], $2::int4[]) AS u(task_id, step)
              WHERE s.most_recent AND s.task_id = u.task_id AND s.step_index = u.step",
         )
-        .bind(
-            step_t
-                .iter()
-                .map(|t| *t.task_id.as_uuid())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            step_t
-                .iter()
-                .map(|t| t.step.unwrap_or(0) as i32)
-                .collect::<Vec<_>>(),
-        )
+        .bind(ids)
+        .bind(steps)
         .execute(&mut **tx)
         .await?;
         sqlx::query(
             "INSERT INTO tasker_workflow_step_transitions (task_id, step_index, sort_key,
                  from_state, to_state, most_recent, occurred_at, metadata, event_type,
                  log_partition, log_position)
-             SELECT u.task_id, u.step, u.pos, CASE WHEN u.known THEN u.from_state ELSE s.status END,
+             SELECT u.task_id, u.step, u.pos,
+                    CASE WHEN u.known THEN u.from_state
+                         ELSE (SELECT s.status FROM tasker_workflow_steps s
+                               WHERE s.task_id = u.task_id AND s.step_index = u.step) END,
                     u.to_state, u.last, tasker_ms_to_ts(u.at), u.meta::jsonb, u.kind, $10, u.pos
              FROM UNNEST($1::uuid[], $2::int4[], $3::int8[], $4::text[], $5::bool[], $6::text[],
                          $7::bool[], $8::int8[], $9::text[], $11::text[])
                   AS u(task_id, step, pos, from_state, known, to_state, last, at, meta, kind)
-             LEFT JOIN tasker_workflow_steps s ON s.task_id = u.task_id AND s.step_index = u.step
              ON CONFLICT DO NOTHING",
         )
         .bind(
