@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tasker_engine::audit::Bound;
 use tasker_engine::audit::checkpoints::References;
-use tasker_engine::audit::replay::{ReplayOptions, ReplayReport, compare, replay_partition};
+use tasker_engine::audit::replay::{ReplayOptions, ReplayReport, compare, replay_partition_state};
 use tasker_engine::log::Log;
 use tasker_engine::record::PartitionId;
 
@@ -131,7 +131,10 @@ pub fn replay(cli: &Cli, args: &ReplayArgs) -> anyhow::Result<()> {
             pipeline,
             ..ReplayOptions::default()
         };
-        Ok(replay_partition(&*log, p, &options, progress)?)
+        let (report, state) = replay_partition_state(&*log, p, &options, progress)?;
+        // The process exits right after: freeing the state would only cost time.
+        std::mem::forget(state);
+        Ok(report)
     });
     let secs = started.elapsed().as_secs_f64();
     let mut reports: Vec<ReplayReport> = Vec::new();

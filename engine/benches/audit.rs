@@ -460,4 +460,10 @@ fn stages(dir: &Path) {
         "inline read+chain+decode+apply: {:.0} ns/record",
         t.elapsed().as_nanos() as f64 / n
     );
+    let t = Instant::now();
+    std::hint::black_box(state.digest());
+    println!("final digest: {:.1} ms", t.elapsed().as_secs_f64() * 1000.0);
+    let t = Instant::now();
+    drop(state);
+    println!("drop state: {:.1} ms", t.elapsed().as_secs_f64() * 1000.0);
 }

@@ -39,7 +39,8 @@ impl Default for ReplayOptions {
             to: None,
             retention_ms: crate::state::DEFAULT_RETENTION_MS,
             capture: Vec::new(),
-            batch: 16_384,
+            // The file reader's poll allocates for 4,096 records: more reallocates.
+            batch: 4_096,
             pipeline: false,
         }
     }
@@ -91,6 +92,22 @@ pub fn replay_partition(
     options: &ReplayOptions,
     progress: &AtomicU64,
 ) -> Result<ReplayReport, AuditError> {
+    let (report, state) = replay_partition_state(log, partition, options, progress)?;
+    // Freeing a big state takes a while: do it off the caller's path.
+    let _ = std::thread::Builder::new()
+        .name("tasker-replay-drop".into())
+        .spawn(move || drop(state));
+    Ok(report)
+}
+
+/// [`replay_partition`], also returning the final state (a process about to exit
+/// may leak it rather than spend time freeing it).
+pub fn replay_partition_state(
+    log: &dyn Log,
+    partition: PartitionId,
+    options: &ReplayOptions,
+    progress: &AtomicU64,
+) -> Result<(ReplayReport, State), AuditError> {
     let start = log.start(partition)?;
     if start != Position(0) {
         return Err(AuditError::NotFromStart { partition, start });
@@ -263,7 +280,7 @@ impl<'a> Folder<'a> {
     }
 
     /// Handles one message; the report once the replay ended.
-    fn handle(&mut self, msg: Msg) -> Option<Result<ReplayReport, AuditError>> {
+    fn handle(&mut self, msg: Msg) -> Option<Result<(ReplayReport, State), AuditError>> {
         match msg {
             Msg::Records(batch) => {
                 let n = batch.len() as u64;
@@ -298,19 +315,22 @@ impl<'a> Folder<'a> {
                 end,
                 chain,
                 last_time,
-            } => Some(Ok(ReplayReport {
-                partition: self.partition,
-                end,
-                records: self.records,
-                events: self.events,
-                digest: self.state.digest(),
-                chain,
-                stats: self.state.stats(),
-                undecodable: self.undecodable,
-                tasks_in_memory: self.state.task_count(),
-                last_time,
-                captures: std::mem::take(&mut self.captures),
-            })),
+            } => {
+                let report = ReplayReport {
+                    partition: self.partition,
+                    end,
+                    records: self.records,
+                    events: self.events,
+                    digest: self.state.digest(),
+                    chain,
+                    stats: self.state.stats(),
+                    undecodable: self.undecodable,
+                    tasks_in_memory: self.state.task_count(),
+                    last_time,
+                    captures: std::mem::take(&mut self.captures),
+                };
+                Some(Ok((report, std::mem::take(&mut self.state))))
+            }
             Msg::Failed(e) => Some(Err(e)),
         }
     }
