@@ -334,17 +334,28 @@ async fn projection(admin: &str, events: usize) {
     );
     let db = BenchDb::new(admin).await;
     let store = db.store().await;
+    println!(
+        "(CPU: seconds used by the PostgreSQL backends serving the bench database and by this \
+         process; events / their sum is the throughput the work allows on a machine with no \
+         other load)"
+    );
     for run in 1..=3 {
         store.reset("read_model").await.unwrap();
+        let (pg_before, me_before) = (backend_cpu(&db.name), own_cpu());
         let (total, per_batch) = project(&store, &log, 0).await;
+        let (pg_cpu, me_cpu) = (backend_cpu(&db.name) - pg_before, own_cpu() - me_before);
         let mut sorted = per_batch.clone();
         sorted.sort();
         println!(
-            "postgres run {run}: {:>9.0} events/s  ({:.2} s; per batch median {:.0} ms, max {:.0} ms)",
+            "postgres run {run}: {:>7.0} events/s  ({:.2} s; batch median {:.0} ms, max {:.0} ms; \
+             CPU postgres {:.2} s + bench {:.2} s = {:.0} events per CPU-second)",
             log.len() as f64 / total.as_secs_f64(),
             total.as_secs_f64(),
             sorted[sorted.len() / 2].as_secs_f64() * 1e3,
             sorted[sorted.len() - 1].as_secs_f64() * 1e3,
+            pg_cpu,
+            me_cpu,
+            log.len() as f64 / (pg_cpu + me_cpu),
         );
     }
     let dir = tempfile::TempDir::new().unwrap();
@@ -360,6 +371,50 @@ async fn projection(admin: &str, events: usize) {
     );
     drop(store);
     db.drop_db().await;
+}
+
+/// CPU seconds (user + system) of the PostgreSQL backends connected to `db`, from
+/// /proc (their process title names the database); 0 where /proc is missing.
+fn backend_cpu(db: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut total = 0.0;
+    for entry in dir.flatten() {
+        let path = entry.path();
+        let Ok(cmdline) = std::fs::read(path.join("cmdline")) else {
+            continue;
+        };
+        let title = String::from_utf8_lossy(&cmdline);
+        if title.starts_with("postgres: ") && title.contains(db) {
+            total += proc_cpu(&path.join("stat"));
+        }
+    }
+    total
+}
+
+/// CPU seconds of this process.
+fn own_cpu() -> f64 {
+    proc_cpu(std::path::Path::new("/proc/self/stat"))
+}
+
+/// utime + stime of a /proc/<pid>/stat file, in seconds (USER_HZ = 100).
+fn proc_cpu(stat: &std::path::Path) -> f64 {
+    let Ok(text) = std::fs::read_to_string(stat) else {
+        return 0.0;
+    };
+    // Fields after the parenthesized command name: state is field 3, utime 14, stime 15.
+    let Some(rest) = text.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
 // ---------------------------------------------------------------------------

@@ -32,6 +32,11 @@ impl<T: Clone> Set<T> {
             to => to,
         }
     }
+
+    /// The value a row created with NULL in this column ends up with.
+    fn onto_null(&self) -> Option<T> {
+        self.parts().1
+    }
 }
 
 impl Set<Timestamp> {
@@ -72,6 +77,90 @@ pub struct NewStep {
     pub retry_limit: u32,
     pub retryable: bool,
     pub at: Timestamp,
+}
+
+/// A step row created by this batch as the batch leaves it: its creation with
+/// the batch's later changes applied, so a store inserts it once instead of
+/// inserting it and updating it in the same transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRowInit {
+    pub status: &'static str,
+    pub attempts: u32,
+    pub last_attempted_at: Option<Timestamp>,
+    pub last_failure_at: Option<Timestamp>,
+    pub next_retry_at: Option<Timestamp>,
+    pub backoff_request_seconds: Option<i64>,
+    pub results: Option<String>,
+    pub error: Option<String>,
+    pub started_at: Option<Timestamp>,
+    pub completed_at: Option<Timestamp>,
+    pub duration_ms: Option<i64>,
+    pub updated_at: Timestamp,
+}
+
+impl NewStep {
+    /// The row as the batch leaves it, given the batch's changes to it.
+    pub fn init(&self, patch: Option<&StepPatch>) -> StepRowInit {
+        let Some(p) = patch else {
+            return StepRowInit {
+                status: "pending",
+                attempts: 0,
+                last_attempted_at: None,
+                last_failure_at: None,
+                next_retry_at: None,
+                backoff_request_seconds: None,
+                results: None,
+                error: None,
+                started_at: None,
+                completed_at: None,
+                duration_ms: None,
+                updated_at: self.at,
+            };
+        };
+        let started_at = p.started_at.onto_null();
+        StepRowInit {
+            status: p.status.unwrap_or("pending"),
+            attempts: p.attempts.unwrap_or(0),
+            last_attempted_at: p.last_attempted_at.onto_null(),
+            last_failure_at: p.last_failure_at.onto_null(),
+            next_retry_at: p.next_retry_at.onto_null(),
+            backoff_request_seconds: p.backoff_request_seconds.onto_null(),
+            results: p.results.onto_null(),
+            error: p.error.onto_null(),
+            started_at,
+            completed_at: p.completed_at.onto_null(),
+            // As the stores' update computes it against the row's `started_at`
+            // before the update (NULL for a row created in this batch).
+            duration_ms: match p.duration {
+                Duration::Keep | Duration::Clear | Duration::EndedAt(_) => None,
+                Duration::Millis(m) => Some(m),
+            },
+            updated_at: p.updated_at.unwrap_or(self.at),
+        }
+    }
+}
+
+/// A task row created by this batch as the batch leaves it (see [`StepRowInit`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRowInit {
+    pub status: &'static str,
+    pub started_at: Option<Timestamp>,
+    pub completed_at: Option<Timestamp>,
+    pub updated_at: Timestamp,
+}
+
+impl NewTask {
+    /// The row as the batch leaves it, given the batch's changes to it.
+    pub fn init(&self, patch: Option<&TaskPatch>) -> TaskRowInit {
+        TaskRowInit {
+            status: patch.and_then(|p| p.status).unwrap_or("pending"),
+            started_at: patch.and_then(|p| p.started_at.onto_null()),
+            completed_at: patch.and_then(|p| p.completed_at.onto_null()),
+            updated_at: patch
+                .and_then(|p| p.updated_at)
+                .unwrap_or(self.requested_at),
+        }
+    }
 }
 
 /// Column changes of an existing (or just inserted) task row.

@@ -1,10 +1,16 @@
 //! The PostgreSQL store: one transaction per batch, multi-row statements
 //! (`UNNEST` of bound arrays), the checkpoint compared and moved in the same
 //! transaction.
+//!
+//! Times cross the wire as milliseconds and are converted inline
+//! (`TIMESTAMPTZ 'epoch' + ms * INTERVAL '1 millisecond'`, `EXTRACT(EPOCH ...)`),
+//! not with `tasker_ms_to_ts` / `tasker_ts_to_ms`: those are declared IMMUTABLE
+//! over STABLE operators, so PostgreSQL cannot inline them and runs each call as
+//! a SQL function, which was an eighth of the server's time in a batch.
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
-use tasker_engine::record::{Epoch, PartitionId, Position};
+use tasker_engine::record::{Epoch, PartitionId, Position, TaskId};
 
 use crate::batch::{Batch, Duration};
 use crate::store::{Checkpoint, StoreError};
@@ -54,7 +60,7 @@ impl PgStore {
         partition: PartitionId,
     ) -> Result<Checkpoint, StoreError> {
         let row = sqlx::query(
-            "SELECT position, epoch, events, tasker_ts_to_ms(last_event_at) AS last_event_at
+            "SELECT position, epoch, events, (EXTRACT(EPOCH FROM last_event_at) * 1000)::BIGINT AS last_event_at
              FROM tasker_projection_checkpoints WHERE projector = $1 AND log_partition = $2",
         )
         .bind(projector)
@@ -123,7 +129,7 @@ impl PgStore {
         sqlx::query(
             "INSERT INTO tasker_projection_checkpoints
                  (projector, log_partition, position, epoch, events, last_event_at)
-             VALUES ($1, $2, $3, $4, $5, tasker_ms_to_ts($6))
+             VALUES ($1, $2, $3, $4, $5, (TIMESTAMPTZ 'epoch' + ($6)::BIGINT * INTERVAL '1 millisecond'))
              ON CONFLICT (projector, log_partition) DO UPDATE SET
                  position = EXCLUDED.position,
                  epoch = EXCLUDED.epoch,
@@ -153,7 +159,7 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(),
             .unzip();
         sqlx::query(
             "INSERT INTO tasker_task_namespaces (name, created_at)
-             SELECT u.name, tasker_ms_to_ts(u.at) FROM UNNEST($1::text[], $2::int8[]) AS u(name, at)
+             SELECT u.name, (TIMESTAMPTZ 'epoch' + (u.at)::BIGINT * INTERVAL '1 millisecond') FROM UNNEST($1::text[], $2::int8[]) AS u(name, at)
              ON CONFLICT (name) DO NOTHING",
         )
         .bind(names)
@@ -176,7 +182,7 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(),
         }
         sqlx::query(
             "INSERT INTO tasker_named_tasks (task_namespace_id, name, version, template, created_at)
-             SELECT n.task_namespace_id, u.name, u.version, u.template::jsonb, tasker_ms_to_ts(u.at)
+             SELECT n.task_namespace_id, u.name, u.version, u.template::jsonb, (TIMESTAMPTZ 'epoch' + (u.at)::BIGINT * INTERVAL '1 millisecond')
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[])
                   AS u(ns, name, version, template, at)
              JOIN tasker_task_namespaces n ON n.name = u.ns
@@ -191,26 +197,34 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(),
         .await?;
     }
     if !b.new_tasks.is_empty() {
+        // Inserted as the batch leaves them (their patches are not applied again).
         let t = &b.new_tasks;
+        let init: Vec<_> = t
+            .iter()
+            .map(|r| r.init(b.task_patches.get(&r.task_id)))
+            .collect();
         sqlx::query(
             "INSERT INTO tasker_tasks (task_id, named_task_id, status, context, requested_at,
                  initiator, source_system, reason, tags, idempotency_key, correlation_id,
                  log_partition, log_position, updated_at, started_at, completed_at)
-             SELECT u.task_id, nt.named_task_id, 'pending', u.context::jsonb, tasker_ms_to_ts(u.at),
+             SELECT u.task_id, nt.named_task_id, u.status, u.context::jsonb, (TIMESTAMPTZ 'epoch' + (u.at)::BIGINT * INTERVAL '1 millisecond'),
                     u.initiator, u.source_system, u.reason, u.tags::jsonb, u.idem, u.corr,
-                    $12, u.pos, tasker_ms_to_ts(u.at), NULL, NULL
+                    $12, u.pos, (TIMESTAMPTZ 'epoch' + (u.updated)::BIGINT * INTERVAL '1 millisecond'), (TIMESTAMPTZ 'epoch' + (u.started)::BIGINT * INTERVAL '1 millisecond'),
+                    (TIMESTAMPTZ 'epoch' + (u.completed)::BIGINT * INTERVAL '1 millisecond')
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
                          $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
-                         $13::uuid[], $14::int8[])
+                         $13::uuid[], $14::int8[], $15::text[], $16::int8[], $17::int8[],
+                         $18::int8[])
                   AS u(task_id, ns, name, version, context, at, initiator, source_system, reason,
-                       tags, idem, corr, pos)
+                       tags, idem, corr, pos, status, started, completed, updated)
              JOIN tasker_task_namespaces n ON n.name = u.ns
              JOIN tasker_named_tasks nt ON nt.task_namespace_id = n.task_namespace_id
                   AND nt.name = u.name AND nt.version = u.version
              ON CONFLICT (task_id) DO UPDATE SET
-                 named_task_id = EXCLUDED.named_task_id, status = 'pending',
+                 named_task_id = EXCLUDED.named_task_id, status = EXCLUDED.status,
                  context = EXCLUDED.context, requested_at = EXCLUDED.requested_at,
-                 started_at = NULL, completed_at = NULL, initiator = EXCLUDED.initiator,
+                 started_at = EXCLUDED.started_at, completed_at = EXCLUDED.completed_at,
+                 initiator = EXCLUDED.initiator,
                  source_system = EXCLUDED.source_system, reason = EXCLUDED.reason,
                  tags = EXCLUDED.tags, idempotency_key = EXCLUDED.idempotency_key,
                  correlation_id = EXCLUDED.correlation_id, log_partition = EXCLUDED.log_partition,
@@ -246,24 +260,54 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(),
                 .map(|r| r.log_position.0 as i64)
                 .collect::<Vec<_>>(),
         )
+        .bind(init.iter().map(|i| i.status).collect::<Vec<_>>())
+        .bind(
+            init.iter()
+                .map(|i| i.started_at.map(ms))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            init.iter()
+                .map(|i| i.completed_at.map(ms))
+                .collect::<Vec<_>>(),
+        )
+        .bind(init.iter().map(|i| ms(i.updated_at)).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
     }
     if !b.new_steps.is_empty() {
+        // Inserted as the batch leaves them (their patches are not applied again).
         let s = &b.new_steps;
+        let init: Vec<_> = s
+            .iter()
+            .map(|r| r.init(b.step_patches.get(&(r.task_id, r.step))))
+            .collect();
         sqlx::query(
             "INSERT INTO tasker_workflow_steps (task_id, step_index, name, handler, status,
-                 attempts, retry_limit, retryable, updated_at)
-             SELECT u.task_id, u.step, u.name, u.handler, 'pending', 0, u.retry_limit, u.retryable,
-                    tasker_ms_to_ts(u.at)
-             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::bool[], $7::int8[])
-                  AS u(task_id, step, name, handler, retry_limit, retryable, at)
+                 attempts, retry_limit, retryable, last_attempted_at, last_failure_at,
+                 next_retry_at, backoff_request_seconds, results, error, started_at, completed_at,
+                 duration_ms, updated_at)
+             SELECT u.task_id, u.step, u.name, u.handler, u.status, u.attempts, u.retry_limit,
+                    u.retryable, (TIMESTAMPTZ 'epoch' + (u.attempted)::BIGINT * INTERVAL '1 millisecond'), (TIMESTAMPTZ 'epoch' + (u.failed)::BIGINT * INTERVAL '1 millisecond'),
+                    (TIMESTAMPTZ 'epoch' + (u.retry)::BIGINT * INTERVAL '1 millisecond'), u.backoff, u.results::jsonb, u.error::jsonb,
+                    (TIMESTAMPTZ 'epoch' + (u.started)::BIGINT * INTERVAL '1 millisecond'), (TIMESTAMPTZ 'epoch' + (u.completed)::BIGINT * INTERVAL '1 millisecond'), u.duration,
+                    (TIMESTAMPTZ 'epoch' + (u.updated)::BIGINT * INTERVAL '1 millisecond')
+             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::bool[],
+                         $7::text[], $8::int4[], $9::int8[], $10::int8[], $11::int8[],
+                         $12::int4[], $13::text[], $14::text[], $15::int8[], $16::int8[],
+                         $17::int8[], $18::int8[])
+                  AS u(task_id, step, name, handler, retry_limit, retryable, status, attempts,
+                       attempted, failed, retry, backoff, results, error, started, completed,
+                       duration, updated)
              ON CONFLICT (task_id, step_index) DO UPDATE SET
-                 name = EXCLUDED.name, handler = EXCLUDED.handler, status = 'pending', attempts = 0,
-                 retry_limit = EXCLUDED.retry_limit, retryable = EXCLUDED.retryable,
-                 last_attempted_at = NULL, last_failure_at = NULL, next_retry_at = NULL,
-                 backoff_request_seconds = NULL, results = NULL, error = NULL, started_at = NULL,
-                 completed_at = NULL, duration_ms = NULL, updated_at = EXCLUDED.updated_at",
+                 name = EXCLUDED.name, handler = EXCLUDED.handler, status = EXCLUDED.status,
+                 attempts = EXCLUDED.attempts, retry_limit = EXCLUDED.retry_limit,
+                 retryable = EXCLUDED.retryable, last_attempted_at = EXCLUDED.last_attempted_at,
+                 last_failure_at = EXCLUDED.last_failure_at, next_retry_at = EXCLUDED.next_retry_at,
+                 backoff_request_seconds = EXCLUDED.backoff_request_seconds,
+                 results = EXCLUDED.results, error = EXCLUDED.error,
+                 started_at = EXCLUDED.started_at, completed_at = EXCLUDED.completed_at,
+                 duration_ms = EXCLUDED.duration_ms, updated_at = EXCLUDED.updated_at",
         )
         .bind(s.iter().map(|r| *r.task_id.as_uuid()).collect::<Vec<_>>())
         .bind(s.iter().map(|r| r.step as i32).collect::<Vec<_>>())
@@ -271,7 +315,42 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(),
         .bind(s.iter().map(|r| r.handler.clone()).collect::<Vec<_>>())
         .bind(s.iter().map(|r| r.retry_limit as i32).collect::<Vec<_>>())
         .bind(s.iter().map(|r| r.retryable).collect::<Vec<_>>())
-        .bind(s.iter().map(|r| ms(r.at)).collect::<Vec<_>>())
+        .bind(init.iter().map(|i| i.status).collect::<Vec<_>>())
+        .bind(init.iter().map(|i| i.attempts as i32).collect::<Vec<_>>())
+        .bind(
+            init.iter()
+                .map(|i| i.last_attempted_at.map(ms))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            init.iter()
+                .map(|i| i.last_failure_at.map(ms))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            init.iter()
+                .map(|i| i.next_retry_at.map(ms))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            init.iter()
+                .map(|i| i.backoff_request_seconds.map(|b| b as i32))
+                .collect::<Vec<_>>(),
+        )
+        .bind(init.iter().map(|i| i.results.clone()).collect::<Vec<_>>())
+        .bind(init.iter().map(|i| i.error.clone()).collect::<Vec<_>>())
+        .bind(
+            init.iter()
+                .map(|i| i.started_at.map(ms))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            init.iter()
+                .map(|i| i.completed_at.map(ms))
+                .collect::<Vec<_>>(),
+        )
+        .bind(init.iter().map(|i| i.duration_ms).collect::<Vec<_>>())
+        .bind(init.iter().map(|i| ms(i.updated_at)).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
     }
@@ -295,7 +374,10 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(),
 
 /// Transitions go in before the rows change, so a `from_state` the batch does not
 /// know is read from the row as it was (looked up only for those, not joined for
-/// every transition).
+/// every transition). They are plain inserts: a transition's key is its event's
+/// log position, which no other row can have (a batch is written once, after the
+/// checkpoint check), so `ON CONFLICT` would only add a probe of every unique
+/// index per row and hide a bug as a silently dropped row.
 async fn write_transitions(
     tx: &mut Transaction<'_, Postgres>,
     b: &Batch,
@@ -320,11 +402,10 @@ async fn write_transitions(
              SELECT u.task_id, u.pos,
                     CASE WHEN u.known THEN u.from_state
                          ELSE (SELECT t.status FROM tasker_tasks t WHERE t.task_id = u.task_id) END,
-                    u.to_state, u.last, tasker_ms_to_ts(u.at), u.meta::jsonb, u.kind, $9, u.pos
+                    u.to_state, u.last, (TIMESTAMPTZ 'epoch' + (u.at)::BIGINT * INTERVAL '1 millisecond'), u.meta::jsonb, u.kind, $9, u.pos
              FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::bool[], $5::text[], $6::bool[],
                          $7::int8[], $8::text[], $10::text[])
-                  AS u(task_id, pos, from_state, known, to_state, last, at, meta, kind)
-             ON CONFLICT DO NOTHING",
+                  AS u(task_id, pos, from_state, known, to_state, last, at, meta, kind)",
         )
         .bind(
             task_t
@@ -393,11 +474,10 @@ async fn write_transitions(
                     CASE WHEN u.known THEN u.from_state
                          ELSE (SELECT s.status FROM tasker_workflow_steps s
                                WHERE s.task_id = u.task_id AND s.step_index = u.step) END,
-                    u.to_state, u.last, tasker_ms_to_ts(u.at), u.meta::jsonb, u.kind, $10, u.pos
+                    u.to_state, u.last, (TIMESTAMPTZ 'epoch' + (u.at)::BIGINT * INTERVAL '1 millisecond'), u.meta::jsonb, u.kind, $10, u.pos
              FROM UNNEST($1::uuid[], $2::int4[], $3::int8[], $4::text[], $5::bool[], $6::text[],
                          $7::bool[], $8::int8[], $9::text[], $11::text[])
-                  AS u(task_id, step, pos, from_state, known, to_state, last, at, meta, kind)
-             ON CONFLICT DO NOTHING",
+                  AS u(task_id, step, pos, from_state, known, to_state, last, at, meta, kind)",
         )
         .bind(
             step_t
@@ -469,12 +549,18 @@ async fn write_task_patches(
     if b.task_patches.is_empty() {
         return Ok(());
     }
+    let created: std::collections::BTreeSet<TaskId> =
+        b.new_tasks.iter().map(|t| t.task_id).collect();
     let mut ids = Vec::new();
     let mut status = Vec::new();
     let (mut set_started, mut started) = (Vec::new(), Vec::new());
     let (mut set_completed, mut completed) = (Vec::new(), Vec::new());
     let mut updated = Vec::new();
-    for (id, p) in &b.task_patches {
+    for (id, p) in b
+        .task_patches
+        .iter()
+        .filter(|(id, _)| !created.contains(id))
+    {
         ids.push(*id.as_uuid());
         status.push(p.status.map(str::to_owned));
         let (s, v) = p.started_at.parts();
@@ -485,12 +571,15 @@ async fn write_task_patches(
         completed.push(v.map(ms));
         updated.push(p.updated_at.map(ms));
     }
+    if ids.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
         "UPDATE tasker_tasks t SET
              status = COALESCE(u.status, t.status),
-             started_at = CASE WHEN u.set_started THEN tasker_ms_to_ts(u.started) ELSE t.started_at END,
-             completed_at = CASE WHEN u.set_completed THEN tasker_ms_to_ts(u.completed) ELSE t.completed_at END,
-             updated_at = COALESCE(tasker_ms_to_ts(u.updated), t.updated_at)
+             started_at = CASE WHEN u.set_started THEN (TIMESTAMPTZ 'epoch' + (u.started)::BIGINT * INTERVAL '1 millisecond') ELSE t.started_at END,
+             completed_at = CASE WHEN u.set_completed THEN (TIMESTAMPTZ 'epoch' + (u.completed)::BIGINT * INTERVAL '1 millisecond') ELSE t.completed_at END,
+             updated_at = COALESCE((TIMESTAMPTZ 'epoch' + (u.updated)::BIGINT * INTERVAL '1 millisecond'), t.updated_at)
          FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::int8[], $5::bool[], $6::int8[], $7::int8[])
               AS u(task_id, status, set_started, started, set_completed, completed, updated)
          WHERE t.task_id = u.task_id",
@@ -529,8 +618,14 @@ async fn write_step_patches(
         duration: Vec<Option<i64>>,
         updated: Vec<Option<i64>>,
     }
+    let created: std::collections::BTreeSet<(TaskId, u32)> =
+        b.new_steps.iter().map(|s| (s.task_id, s.step)).collect();
     let mut c = Cols::default();
-    for ((id, step), p) in &b.step_patches {
+    for ((id, step), p) in b
+        .step_patches
+        .iter()
+        .filter(|(key, _)| !created.contains(key))
+    {
         c.ids.push(*id.as_uuid());
         c.steps.push(*step as i32);
         c.status.push(p.status.map(str::to_owned));
@@ -566,6 +661,9 @@ async fn write_step_patches(
         c.duration.push(value);
         c.updated.push(p.updated_at.map(ms));
     }
+    if c.ids.is_empty() {
+        return Ok(());
+    }
     let [
         s_att,
         s_fail,
@@ -581,11 +679,11 @@ async fn write_step_patches(
         "UPDATE tasker_workflow_steps s SET
              status = COALESCE(u.status, s.status),
              attempts = COALESCE(u.attempts, s.attempts),
-             last_attempted_at = CASE WHEN u.s_att THEN tasker_ms_to_ts(u.t_att) ELSE s.last_attempted_at END,
-             last_failure_at = CASE WHEN u.s_fail THEN tasker_ms_to_ts(u.t_fail) ELSE s.last_failure_at END,
-             next_retry_at = CASE WHEN u.s_retry THEN tasker_ms_to_ts(u.t_retry) ELSE s.next_retry_at END,
-             started_at = CASE WHEN u.s_start THEN tasker_ms_to_ts(u.t_start) ELSE s.started_at END,
-             completed_at = CASE WHEN u.s_done THEN tasker_ms_to_ts(u.t_done) ELSE s.completed_at END,
+             last_attempted_at = CASE WHEN u.s_att THEN (TIMESTAMPTZ 'epoch' + (u.t_att)::BIGINT * INTERVAL '1 millisecond') ELSE s.last_attempted_at END,
+             last_failure_at = CASE WHEN u.s_fail THEN (TIMESTAMPTZ 'epoch' + (u.t_fail)::BIGINT * INTERVAL '1 millisecond') ELSE s.last_failure_at END,
+             next_retry_at = CASE WHEN u.s_retry THEN (TIMESTAMPTZ 'epoch' + (u.t_retry)::BIGINT * INTERVAL '1 millisecond') ELSE s.next_retry_at END,
+             started_at = CASE WHEN u.s_start THEN (TIMESTAMPTZ 'epoch' + (u.t_start)::BIGINT * INTERVAL '1 millisecond') ELSE s.started_at END,
+             completed_at = CASE WHEN u.s_done THEN (TIMESTAMPTZ 'epoch' + (u.t_done)::BIGINT * INTERVAL '1 millisecond') ELSE s.completed_at END,
              backoff_request_seconds = CASE WHEN u.s_backoff THEN u.backoff::int4 ELSE s.backoff_request_seconds END,
              results = CASE WHEN u.s_results THEN u.results::jsonb ELSE s.results END,
              error = CASE WHEN u.s_error THEN u.error::jsonb ELSE s.error END,
@@ -593,8 +691,8 @@ async fn write_step_patches(
                  WHEN 0 THEN s.duration_ms
                  WHEN 1 THEN NULL
                  WHEN 2 THEN u.dval
-                 ELSE u.dval - tasker_ts_to_ms(s.started_at) END,
-             updated_at = COALESCE(tasker_ms_to_ts(u.updated), s.updated_at)
+                 ELSE u.dval - (EXTRACT(EPOCH FROM s.started_at) * 1000)::BIGINT END,
+             updated_at = COALESCE((TIMESTAMPTZ 'epoch' + (u.updated)::BIGINT * INTERVAL '1 millisecond'), s.updated_at)
          FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int4[],
                      $5::bool[], $6::int8[], $7::bool[], $8::int8[], $9::bool[], $10::int8[],
                      $11::bool[], $12::int8[], $13::bool[], $14::int8[],

@@ -547,15 +547,16 @@ fn collect<R, T>(
 }
 
 // ---------------------------------------------------------------------------
-// PostgreSQL: the SQL functions, times converted at the boundary
+// PostgreSQL: the SQL functions, times converted at the boundary (inline: see
+// the note in `postgres.rs` on `tasker_ms_to_ts` / `tasker_ts_to_ms`)
 // ---------------------------------------------------------------------------
 
 const PG_TASK: &str = "
     SELECT t.task_id, n.name AS namespace, nt.name, nt.version, t.status, t.context::text AS context,
-           tasker_ts_to_ms(t.requested_at) AS requested_at, tasker_ts_to_ms(t.started_at) AS started_at,
-           tasker_ts_to_ms(t.completed_at) AS completed_at, t.initiator, t.source_system, t.reason,
+           (EXTRACT(EPOCH FROM t.requested_at) * 1000)::BIGINT AS requested_at, (EXTRACT(EPOCH FROM t.started_at) * 1000)::BIGINT AS started_at,
+           (EXTRACT(EPOCH FROM t.completed_at) * 1000)::BIGINT AS completed_at, t.initiator, t.source_system, t.reason,
            t.tags::text AS tags, t.idempotency_key, t.correlation_id, t.log_partition, t.log_position,
-           tasker_ts_to_ms(t.updated_at) AS updated_at
+           (EXTRACT(EPOCH FROM t.updated_at) * 1000)::BIGINT AS updated_at
     FROM tasker_tasks t
     JOIN tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
     JOIN tasker_task_namespaces n ON n.task_namespace_id = nt.task_namespace_id
@@ -563,12 +564,12 @@ const PG_TASK: &str = "
 
 const PG_STEPS: &str = "
     SELECT s.task_id, s.step_index, s.name, s.handler, s.status, s.attempts, s.retry_limit, s.retryable,
-           tasker_ts_to_ms(s.last_attempted_at) AS last_attempted_at,
-           tasker_ts_to_ms(s.last_failure_at) AS last_failure_at,
-           tasker_ts_to_ms(s.next_retry_at) AS next_retry_at, s.backoff_request_seconds,
+           (EXTRACT(EPOCH FROM s.last_attempted_at) * 1000)::BIGINT AS last_attempted_at,
+           (EXTRACT(EPOCH FROM s.last_failure_at) * 1000)::BIGINT AS last_failure_at,
+           (EXTRACT(EPOCH FROM s.next_retry_at) * 1000)::BIGINT AS next_retry_at, s.backoff_request_seconds,
            s.results::text AS results, s.error::text AS error,
-           tasker_ts_to_ms(s.started_at) AS started_at, tasker_ts_to_ms(s.completed_at) AS completed_at,
-           s.duration_ms, tasker_ts_to_ms(s.updated_at) AS updated_at
+           (EXTRACT(EPOCH FROM s.started_at) * 1000)::BIGINT AS started_at, (EXTRACT(EPOCH FROM s.completed_at) * 1000)::BIGINT AS completed_at,
+           s.duration_ms, (EXTRACT(EPOCH FROM s.updated_at) * 1000)::BIGINT AS updated_at
     FROM tasker_workflow_steps s
     WHERE s.task_id = $1
     ORDER BY s.step_index";
@@ -576,11 +577,11 @@ const PG_STEPS: &str = "
 const PG_READINESS: &str = "
     SELECT r.task_id, r.step_index, r.name, r.current_state, r.dependencies_satisfied,
            r.retry_eligible, r.ready_for_execution,
-           tasker_ts_to_ms(r.last_failure_at) AS last_failure_at,
-           tasker_ts_to_ms(r.next_retry_at) AS next_retry_at,
+           (EXTRACT(EPOCH FROM r.last_failure_at) * 1000)::BIGINT AS last_failure_at,
+           (EXTRACT(EPOCH FROM r.next_retry_at) * 1000)::BIGINT AS next_retry_at,
            r.total_parents, r.completed_parents, r.attempts, r.retry_limit,
-           r.backoff_request_seconds, tasker_ts_to_ms(r.last_attempted_at) AS last_attempted_at
-    FROM get_step_readiness_status_v01($1::uuid[], tasker_ms_to_ts($2)) r
+           r.backoff_request_seconds, (EXTRACT(EPOCH FROM r.last_attempted_at) * 1000)::BIGINT AS last_attempted_at
+    FROM get_step_readiness_status_v01($1::uuid[], (TIMESTAMPTZ 'epoch' + ($2)::BIGINT * INTERVAL '1 millisecond')) r
     ORDER BY r.task_id, r.step_index";
 
 const PG_LEVELS: &str = "
@@ -593,28 +594,28 @@ const PG_ANALYTICS: &str = "
            a.system_health_score, a.task_throughput, a.completion_count, a.error_count,
            a.completion_rate, a.error_rate, a.step_throughput, a.step_success_rate,
            a.avg_task_duration_ms, a.avg_step_duration_ms,
-           tasker_ts_to_ms(a.period_start) AS period_start,
-           tasker_ts_to_ms(a.calculated_at) AS calculated_at
-    FROM get_analytics_metrics_v01(tasker_ms_to_ts($1), tasker_ms_to_ts($2)) a";
+           (EXTRACT(EPOCH FROM a.period_start) * 1000)::BIGINT AS period_start,
+           (EXTRACT(EPOCH FROM a.calculated_at) * 1000)::BIGINT AS calculated_at
+    FROM get_analytics_metrics_v01((TIMESTAMPTZ 'epoch' + ($1)::BIGINT * INTERVAL '1 millisecond'), (TIMESTAMPTZ 'epoch' + ($2)::BIGINT * INTERVAL '1 millisecond')) a";
 
 const PG_SLOWEST_STEPS: &str = "
     SELECT s.task_id, s.step_index, s.step_name, s.namespace, s.task_name, s.version,
            s.duration_ms, s.attempts, s.retry_limit,
-           tasker_ts_to_ms(s.started_at) AS started_at, tasker_ts_to_ms(s.completed_at) AS completed_at
-    FROM get_slowest_steps_v01(tasker_ms_to_ts($1), $2, $3, $4, $5) s
+           (EXTRACT(EPOCH FROM s.started_at) * 1000)::BIGINT AS started_at, (EXTRACT(EPOCH FROM s.completed_at) * 1000)::BIGINT AS completed_at
+    FROM get_slowest_steps_v01((TIMESTAMPTZ 'epoch' + ($1)::BIGINT * INTERVAL '1 millisecond'), $2, $3, $4, $5) s
     ORDER BY s.duration_ms DESC, s.task_id, s.step_index";
 
 const PG_SLOWEST_TASKS: &str = "
     SELECT s.task_id, s.namespace, s.task_name, s.version, s.status, s.duration_ms, s.step_count,
-           s.completed_steps, s.error_steps, tasker_ts_to_ms(s.requested_at) AS requested_at,
-           tasker_ts_to_ms(s.completed_at) AS completed_at, s.initiator
-    FROM get_slowest_tasks_v01(tasker_ms_to_ts($1), $2, $3, $4, $5) s
+           s.completed_steps, s.error_steps, (EXTRACT(EPOCH FROM s.requested_at) * 1000)::BIGINT AS requested_at,
+           (EXTRACT(EPOCH FROM s.completed_at) * 1000)::BIGINT AS completed_at, s.initiator
+    FROM get_slowest_tasks_v01((TIMESTAMPTZ 'epoch' + ($1)::BIGINT * INTERVAL '1 millisecond'), $2, $3, $4, $5) s
     ORDER BY s.duration_ms DESC, s.task_id";
 
-const PG_HEALTH: &str = "SELECT h.* FROM get_system_health_counts_v01(tasker_ms_to_ts($1)) h";
+const PG_HEALTH: &str = "SELECT h.* FROM get_system_health_counts_v01((TIMESTAMPTZ 'epoch' + ($1)::BIGINT * INTERVAL '1 millisecond')) h";
 
 const PG_CONTEXT: &str = "
-    SELECT c.* FROM get_task_execution_context_v01($1, tasker_ms_to_ts($2)) c";
+    SELECT c.* FROM get_task_execution_context_v01($1, (TIMESTAMPTZ 'epoch' + ($2)::BIGINT * INTERVAL '1 millisecond')) c";
 
 // ---------------------------------------------------------------------------
 // SQLite: the same questions in SQLite's dialect (times are INTEGER ms)
