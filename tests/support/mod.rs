@@ -15,8 +15,11 @@ pub fn bin() -> &'static str {
 pub fn tasker(data_dir: &Path) -> Command {
     let mut c = Command::new(bin());
     c.arg("--data-dir").arg(data_dir);
+    // The child sees only what the test gives it: scripts/test exports DATABASE_URL
+    // for the PostgreSQL tests, and servers sharing that database would see each
+    // other's tasks.
     for (k, _) in std::env::vars() {
-        if k.starts_with("TASKER_") {
+        if k.starts_with("TASKER_") || k == "DATABASE_URL" {
             c.env_remove(k);
         }
     }
