@@ -66,6 +66,70 @@ pub enum Command {
     Tail(TailArgs),
     /// List every record type with its kind, fields and meaning.
     Events,
+    /// Ask the read model: analytics, slowest steps/tasks, health, a task's readiness.
+    #[command(subcommand)]
+    Query(QueryCommand),
+}
+
+/// The read model's questions (see docs/read-models.md); `--json` prints the
+/// typed answer.
+#[derive(Subcommand, Debug)]
+pub enum QueryCommand {
+    /// Throughput, completion and error rates, average durations over a period.
+    Analytics {
+        /// How far back from `--as-of` the period starts (e.g. 15m, 24h).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        period: std::time::Duration,
+        #[command(flatten)]
+        time: TimeArgs,
+    },
+    /// The slowest completed steps, slowest first.
+    SlowestSteps(SlowestArgs),
+    /// The slowest finished tasks, slowest first.
+    SlowestTasks(SlowestArgs),
+    /// Tasks and steps by status, and steps by retry situation.
+    Health {
+        #[command(flatten)]
+        time: TimeArgs,
+    },
+    /// Each step of a task: state, parents done, attempts, and whether it is ready.
+    Readiness {
+        task: String,
+        #[command(flatten)]
+        time: TimeArgs,
+    },
+    /// Each step's depth in the task's DAG (0 = roots).
+    Levels { task: String },
+    /// A task's progress and the recommended next action.
+    Context {
+        task: String,
+        #[command(flatten)]
+        time: TimeArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct TimeArgs {
+    /// Answer as of this RFC 3339 time (default: now).
+    #[arg(long)]
+    pub as_of: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SlowestArgs {
+    /// Only those finished within this long before now (e.g. 24h; default: all).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub period: Option<std::time::Duration>,
+    #[arg(long, default_value_t = 10)]
+    pub limit: u32,
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Template name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Template version.
+    #[arg(long)]
+    pub version: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -12,6 +12,7 @@ mod events;
 mod examples;
 mod failure;
 mod project;
+mod query;
 mod replay;
 mod run;
 mod scaffold;
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
         Command::Audit(AuditCommand::Task(args)) => audit::task(&cli, args),
         Command::Tail(args) => tail::tail(&cli, args),
         Command::Events => events::events(&cli),
+        Command::Query(cmd) => query::query(&cli, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

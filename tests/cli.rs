@@ -276,3 +276,122 @@ fn commands_recorded_without_an_engine_run_when_it_starts() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
 }
+
+#[test]
+fn query_answers_from_the_read_model() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let data = dir.path().join("data");
+    let o = tasker(&data)
+        .args(["demo", "--tasks", "30", "--keep"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = tasker(&data).args(["project", "--once"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!text(&o).contains("locked"), "{}", text(&o));
+    let query = |args: &[&str]| -> serde_json::Value {
+        let o = tasker(&data)
+            .args(["--json", "query"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+
+    // The demo's payment step fails at random, rarely past its retries: count
+    // what the read model says rather than assume every order completed.
+    let a = query(&["analytics", "--period", "1h"]);
+    let h = query(&["health"]);
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    assert_eq!(n(&a, "task_throughput"), 30);
+    assert_eq!(n(&a, "completion_count") + n(&a, "error_count"), 30);
+    assert_eq!(n(&a, "active_tasks_count"), 0);
+    assert_eq!(n(&h, "complete_tasks"), n(&a, "completion_count"));
+    assert!(n(&h, "complete_tasks") > 0, "{h}");
+    assert_eq!(n(&h, "total_steps"), 150);
+    assert_eq!(
+        n(&a, "step_throughput"),
+        n(&h, "complete_steps") + n(&h, "error_steps")
+    );
+
+    let slow = query(&["slowest-tasks", "--limit", "3"]);
+    let slow = slow.as_array().unwrap();
+    assert_eq!(slow.len(), 3);
+    let durations: Vec<i64> = slow
+        .iter()
+        .map(|t| t["duration_ms"].as_i64().unwrap())
+        .collect();
+    assert!(durations.windows(2).all(|w| w[0] >= w[1]), "{durations:?}");
+    let steps = query(&["slowest-steps", "--namespace", "shop", "--limit", "5"]);
+    assert_eq!(steps.as_array().unwrap().len(), 5);
+    let none = query(&["slowest-steps", "--namespace", "nobody"]);
+    assert_eq!(none.as_array().unwrap().len(), 0);
+
+    let all = query(&["slowest-tasks", "--limit", "30"]);
+    let task = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["status"] == "complete")
+        .unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let task = task.as_str();
+    let levels = query(&["levels", task]);
+    let levels: Vec<(String, u64)> = levels
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["name"].as_str().unwrap().to_owned(),
+                l["level"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        levels,
+        [
+            ("validate", 0),
+            ("payment", 1),
+            ("inventory", 1),
+            ("ship", 2),
+            ("notify", 3)
+        ]
+        .map(|(n, l)| (n.to_owned(), l))
+    );
+    let ready = query(&["readiness", task]);
+    let ready = ready.as_array().unwrap();
+    assert_eq!(ready.len(), 5);
+    assert!(
+        ready
+            .iter()
+            .all(|s| s["current_state"] == "complete" && s["ready_for_execution"] == false)
+    );
+    let c = query(&["context", task]);
+    assert_eq!(c["execution_status"], "all_complete");
+    assert_eq!(c["completion_percentage"], 100.0);
+
+    // Text output, an unknown task and a bad time are clear.
+    let o = tasker(&data)
+        .args(["query", "slowest-tasks", "--limit", "1"])
+        .output()
+        .unwrap();
+    let first = slow[0]["task_id"].as_str().unwrap();
+    assert!(text(&o).contains(first), "{}", text(&o));
+    let o = tasker(&data)
+        .args(["query", "context", "01a217f4-1cdb-718e-ae39-351a347145b9"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not in the read model"), "{}", text(&o));
+    let o = tasker(&data)
+        .args(["query", "health", "--as-of", "yesterday"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("RFC 3339"), "{}", text(&o));
+}

@@ -25,6 +25,12 @@ fn ms(t: Timestamp) -> i64 {
     t.as_millis() as i64
 }
 
+/// Write transactions take SQLite's write lock up front: a deferred transaction
+/// that reads (the checkpoint) and then writes cannot wait for another
+/// partition's projector and fails with "database is locked"; an immediate one
+/// waits (busy timeout) like any lock.
+const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+
 impl SqliteStore {
     /// Opens (creating) `sqlite://path` or a plain path, in WAL mode.
     pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
@@ -86,7 +92,7 @@ impl SqliteStore {
     }
 
     pub async fn reset(&self, projector: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
         for statement in [
             "DELETE FROM tasker_workflow_step_transitions",
             "DELETE FROM tasker_task_transitions",
@@ -112,7 +118,7 @@ impl SqliteStore {
         start: Position,
         batch: &Batch,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
         let partition = batch.partition.0 as i64;
         let current: Option<i64> = sqlx::query_scalar(
             "SELECT position FROM tasker_projection_checkpoints WHERE projector = ?1 AND log_partition = ?2",
