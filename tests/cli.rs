@@ -268,6 +268,29 @@ fn commands_recorded_without_an_engine_run_when_it_starts() {
         4,
         "{out}"
     );
+    // `tasker run` with no configuration fills the SQLite read model, and
+    // `tasker query` answers from it while the engine runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = tasker(&data)
+            .args(["--json", "query", "slowest-tasks"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let ids: Vec<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["task_id"].as_str())
+            .collect();
+        if ids.len() == 2 {
+            assert!(ids.contains(&task.as_str()), "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "read model never caught up: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     server.stop();
     // After a clean stop, status still answers from the log.
     let o = tasker(&data)
