@@ -1207,13 +1207,25 @@ impl Sim {
         }
     }
 
+    /// An operator cancels a running task, retries a failed one or resolves a
+    /// failed step (skipping its dependents or not).
     fn operator(&mut self) -> Result<(), TestCaseError> {
-        let Some(&task) = self.tasks.get(self.rng.below(self.tasks.len())) else {
-            return Ok(());
+        let in_state = |sim: &Sim, f: fn(TaskStatus) -> bool| -> Vec<TaskId> {
+            sim.tasks
+                .iter()
+                .copied()
+                .filter(|id| sim.state.task(id).is_some_and(|t| f(t.status)))
+                .collect()
         };
-        let command = match self.rng.below(4) {
-            0 => Command::CancelTask(CancelTask::default()),
-            1 => Command::RetryTask(RetryTask::default()),
+        let (candidates, command) = match self.rng.below(4) {
+            0 => (
+                in_state(self, |s| !s.is_terminal()),
+                Command::CancelTask(CancelTask::default()),
+            ),
+            1 => (
+                in_state(self, |s| s == TaskStatus::Error),
+                Command::RetryTask(RetryTask::default()),
+            ),
             _ => {
                 let failed = self.steps_where(|_, s| s.status == StepStatus::Error);
                 let Some(&(task, step)) = failed.get(self.rng.below(failed.len())) else {
@@ -1235,6 +1247,9 @@ impl Sim {
                     })
                     .map(|_| ());
             }
+        };
+        let Some(&task) = candidates.get(self.rng.below(candidates.len())) else {
+            return Ok(());
         };
         self.input(Input::Command {
             task,
@@ -1531,6 +1546,9 @@ struct Coverage {
     ready_in_error: usize,
     /// Steps in error answered not ready because their retry was not due yet.
     waiting_in_error: usize,
+    /// Task and step statuses seen at checkpoints.
+    task_statuses: std::collections::BTreeSet<&'static str>,
+    step_statuses: std::collections::BTreeSet<&'static str>,
 }
 
 async fn run_case(
@@ -1548,6 +1566,10 @@ async fn run_case(
             for (t, s) in sim.steps_where(|_, _| true) {
                 let task = sim.state.task(&t).unwrap();
                 coverage.ready += usize::from(task.is_step_ready(s, now));
+                coverage.task_statuses.insert(task.status.as_str());
+                coverage
+                    .step_statuses
+                    .insert(task.steps[s.index()].status.as_str());
             }
             checkpoint(stores, &sim, scenario.batch, coverage).await?;
         }
@@ -1604,7 +1626,12 @@ fn sql_readiness_matches_the_engine_and_stores_agree() {
     let c = coverage.into_inner();
     println!("read-model conformance: {c:?}");
     assert!(
-        c.checks >= cases as usize && c.ready > 0 && c.ready_in_error > 0 && c.waiting_in_error > 0,
-        "the cases did not exercise readiness, due and waiting retries: {c:?}"
+        c.checks >= cases as usize
+            && c.ready > 0
+            && c.ready_in_error > 0
+            && c.waiting_in_error > 0
+            && c.task_statuses.len() == TaskStatus::ALL.len()
+            && c.step_statuses.len() == StepStatus::ALL.len(),
+        "the cases did not exercise readiness, due and waiting retries and every status: {c:?}"
     );
 }
