@@ -82,10 +82,12 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         )?)
     };
     let (observer, done) = drive::observer();
+    // The configuration's engine settings (execution.*, engine.*) apply; the bench
+    // owns where its data goes and how long finished tasks stay in memory.
     let options = EngineOptions {
         snapshot_dir: Some(dir.path().join("snapshots")),
         retention: *args.retention,
-        ..EngineOptions::default()
+        ..EngineOptions::from_config(&setup.config, &setup.resolved)
     };
     let rss_before = drive::rss_kib();
     let engine = Engine::start(log, Arc::clone(&registry), options, Some(observer))?;

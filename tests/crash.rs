@@ -6,7 +6,8 @@
 //! equals a fresh rebuild from the log.
 //!
 //! `TASKER_CRASH_KILLS` (default 5 per backend), `TASKER_CRASH_BACKENDS` (default
-//! `file,kafka`), `TASKER_CRASH_SEED` to replay a run. `scripts/soak` runs 100+.
+//! `file,file-eager,kafka`; `file-eager` runs with `execution.dispatch = "eager"`),
+//! `TASKER_CRASH_SEED` to replay a run. `scripts/soak` runs 100+.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 mod support;
@@ -198,7 +199,8 @@ struct Backend {
 }
 
 fn backends() -> Vec<Backend> {
-    let wanted = std::env::var("TASKER_CRASH_BACKENDS").unwrap_or_else(|_| "file,kafka".into());
+    let wanted =
+        std::env::var("TASKER_CRASH_BACKENDS").unwrap_or_else(|_| "file,file-eager,kafka".into());
     let mut out = Vec::new();
     for name in wanted.split(',').map(str::trim) {
         let mut env = vec![
@@ -210,6 +212,14 @@ fn backends() -> Vec<Backend> {
         ];
         match name {
             "file" => out.push(Backend { name: "file", env }),
+            "file-eager" => {
+                // Steps reach handlers before their batch is durable.
+                env.push(("TASKER_EXECUTION__DISPATCH".to_owned(), "eager".to_owned()));
+                out.push(Backend {
+                    name: "file-eager",
+                    env,
+                });
+            }
             "kafka" => {
                 let brokers = std::env::var("TASKER_KAFKA_BROKERS").unwrap_or_else(|_| {
                     panic!("TASKER_KAFKA_BROKERS is not set: run scripts/test (it starts a broker), or set TASKER_CRASH_BACKENDS=file")

@@ -54,6 +54,7 @@ struct Harness {
     dir: TempDir,
     partitions: u32,
     handlers: Arc<HandlerRegistry>,
+    eager_dispatch: bool,
 }
 
 impl Harness {
@@ -62,7 +63,14 @@ impl Harness {
             dir: TempDir::new().unwrap(),
             partitions,
             handlers: Arc::new(HandlerRegistry::with_builtins()),
+            eager_dispatch: false,
         }
+    }
+
+    /// Steps go to their handlers before their batch is durable.
+    fn eager(mut self) -> Self {
+        self.eager_dispatch = true;
+        self
     }
 
     fn log(&self) -> Arc<dyn Log> {
@@ -85,6 +93,7 @@ impl Harness {
         let options = EngineOptions {
             snapshot_dir: Some(self.dir.path().join("snapshots")),
             snapshot_every_events: 500,
+            eager_dispatch: self.eager_dispatch,
             ..EngineOptions::default()
         };
         Engine::start(self.log(), registry, options, None).unwrap()
@@ -148,7 +157,15 @@ fn replay(log: &dyn Log, partition: PartitionId) -> (State, HashChain, Vec<Envel
 
 #[test]
 fn runs_diamonds_to_completion_and_replay_matches_live_digest() {
-    let h = Harness::new(2);
+    diamonds_complete_exactly_once(Harness::new(2));
+}
+
+#[test]
+fn eager_dispatch_runs_diamonds_exactly_once_and_replay_matches_live_digest() {
+    diamonds_complete_exactly_once(Harness::new(2).eager());
+}
+
+fn diamonds_complete_exactly_once(h: Harness) {
     let engine = h.engine();
     let mut ids = Vec::new();
     for _ in 0..300 {
@@ -206,7 +223,15 @@ fn runs_diamonds_to_completion_and_replay_matches_live_digest() {
 
 #[test]
 fn retries_with_backoff_then_fails_terminally_and_restart_resumes() {
-    let h = Harness::new(1);
+    retries_then_restart(Harness::new(1));
+}
+
+#[test]
+fn eager_dispatch_retries_with_backoff_and_restart_resumes() {
+    retries_then_restart(Harness::new(1).eager());
+}
+
+fn retries_then_restart(h: Harness) {
     let engine = h.engine();
     let env = request("flaky", r#"{"n": 1}"#, None);
     let id = env.task_id;

@@ -66,6 +66,8 @@ pub struct EngineOptions {
     pub owner: String,
     /// Run steps in this process (false: decide and record only, e.g. replay tools).
     pub run_steps: bool,
+    /// Hand started steps to handlers before their batch is durable (embedded log).
+    pub eager_dispatch: bool,
 }
 
 impl Default for EngineOptions {
@@ -82,6 +84,7 @@ impl Default for EngineOptions {
             inbox_capacity: 65_536,
             owner: format!("pid {}", std::process::id()),
             run_steps: true,
+            eager_dispatch: false,
         }
     }
 }
@@ -97,6 +100,7 @@ impl EngineOptions {
             max_batch: config.engine.max_batch,
             min_concurrent_steps: config.execution.min_concurrent_steps,
             max_concurrent_steps: config.execution.max_concurrent_steps,
+            eager_dispatch: config.execution.dispatch == crate::config::Dispatch::Eager,
             ..EngineOptions::default()
         }
     }

@@ -1014,6 +1014,13 @@ impl Processor {
             changed,
             ..Round::default()
         };
+        let mut commit = commit;
+        if self.options.eager_dispatch && self.exclusive && self.pipeline.is_some() {
+            // This batch is ordered before anything its steps cause: a result is
+            // appended after the start, so it never becomes durable without it.
+            let started = std::mem::take(&mut commit.dispatch);
+            self.dispatch(&started);
+        }
         match (&self.pipeline, self.exclusive) {
             (Some(pipe), true) => {
                 if !pipe.submit(records, self.appended_end) {
