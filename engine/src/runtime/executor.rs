@@ -1,12 +1,18 @@
 //! The executor: runs steps on a tokio pool with adaptive bounded concurrency.
-//! Jobs arrive from processors over a crossbeam channel; each outcome goes back to
-//! its processor's inbox, which turns it into events. The executor never touches
-//! state.
+//! Processors hand jobs over through a cloneable [`Steps`] handle; each outcome
+//! goes back to its processor's inbox, which turns it into events. The executor
+//! never touches state.
+//!
+//! A job starts as a tokio task straight from the processor's thread when there is
+//! room under the limit; otherwise it waits in a queue that finishing tasks drain
+//! (each runs queued jobs before it ends), so no thread sits between a processor
+//! and the pool.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use futures_util::FutureExt;
 
 use super::Inbox;
@@ -26,15 +32,56 @@ pub(crate) struct Job {
 }
 
 struct Slots {
-    in_flight: Mutex<usize>,
-    freed: Condvar,
-    limit: Mutex<AdaptiveLimit>,
+    in_flight: usize,
+    queued: VecDeque<Job>,
+    limit: AdaptiveLimit,
 }
 
-/// Runs jobs until every sender is dropped.
+struct Shared {
+    slots: Mutex<Slots>,
+    metrics: Arc<Metrics>,
+}
+
+/// Where processors send jobs; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Steps {
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Steps {
+    /// Starts `job` now if the limit allows, else queues it behind the running ones.
+    pub(crate) fn send(&self, job: Job) {
+        let run_now = {
+            let mut slots = lock(&self.shared.slots);
+            if slots.in_flight < slots.limit.current() {
+                slots.in_flight += 1;
+                self.shared
+                    .metrics
+                    .executor_in_flight
+                    .set(slots.in_flight as i64);
+                Some(job)
+            } else {
+                slots.queued.push_back(job);
+                self.shared
+                    .metrics
+                    .executor_queued
+                    .set(slots.queued.len() as i64);
+                None
+            }
+        };
+        if let Some(job) = run_now {
+            let shared = Arc::clone(&self.shared);
+            // After shutdown the runtime drops the task; the attempt runs again after
+            // a restart, as documented.
+            self.runtime.spawn(run_jobs(job, shared));
+        }
+    }
+}
+
+/// Owns the pool; dropping it abandons in-flight attempts.
 pub(crate) struct Executor {
-    jobs: Option<Sender<Job>>,
-    dispatcher: Option<std::thread::JoinHandle<()>>,
+    steps: Option<Steps>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -54,35 +101,32 @@ impl Executor {
             .thread_name("tasker-step")
             .enable_all()
             .build()?;
-        let handle = runtime.handle().clone();
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
-        let slots = Arc::new(Slots {
-            in_flight: Mutex::new(0),
-            freed: Condvar::new(),
-            limit: Mutex::new(AdaptiveLimit::new(min, max)),
-        });
         metrics.executor_limit.set(min as i64);
-        let dispatcher = std::thread::Builder::new()
-            .name("tasker-dispatch".into())
-            .spawn(move || dispatch(rx, handle, slots, metrics))?;
+        let steps = Steps {
+            shared: Arc::new(Shared {
+                slots: Mutex::new(Slots {
+                    in_flight: 0,
+                    queued: VecDeque::new(),
+                    limit: AdaptiveLimit::new(min, max),
+                }),
+                metrics,
+            }),
+            runtime: runtime.handle().clone(),
+        };
         Ok(Executor {
-            jobs: Some(tx),
-            dispatcher: Some(dispatcher),
+            steps: Some(steps),
             runtime: Some(runtime),
         })
     }
 
-    pub(crate) fn sender(&self) -> Option<Sender<Job>> {
-        self.jobs.clone()
+    pub(crate) fn steps(&self) -> Option<Steps> {
+        self.steps.clone()
     }
 }
 
 impl Drop for Executor {
     fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(d) = self.dispatcher.take() {
-            let _ = d.join();
-        }
+        self.steps = None;
         if let Some(rt) = self.runtime.take() {
             // In-flight attempts are abandoned; after a restart they run again.
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -94,55 +138,69 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn dispatch(
-    rx: Receiver<Job>,
-    rt: tokio::runtime::Handle,
-    slots: Arc<Slots>,
-    metrics: Arc<Metrics>,
-) {
-    while let Ok(job) = rx.recv() {
-        metrics.executor_queued.set(rx.len() as i64);
-        {
-            let mut n = lock(&slots.in_flight);
-            while *n >= lock(&slots.limit).current() {
-                n = slots.freed.wait(n).unwrap_or_else(|p| p.into_inner());
-            }
-            *n += 1;
-            metrics.executor_in_flight.set(*n as i64);
-        }
-        let slots = Arc::clone(&slots);
-        let metrics = Arc::clone(&metrics);
-        let queue = rx.clone();
-        rt.spawn(async move {
-            let started = Instant::now();
-            let Job {
-                task,
-                step,
-                attempt,
-                handler,
-                ctx,
-                reply,
-            } = job;
-            let outcome = run(handler, ctx).await;
-            let micros = started.elapsed().as_micros() as u64;
-            metrics.step_latency_us.record(micros);
-            let limit = lock(&slots.limit).on_sample(micros as f64, queue.len());
-            metrics.executor_limit.set(limit as i64);
-            {
-                let mut n = lock(&slots.in_flight);
-                *n -= 1;
-                metrics.executor_in_flight.set(*n as i64);
-            }
-            slots.freed.notify_one();
-            // The processor may have stopped (shutdown, fencing): the attempt then
-            // runs again after a restart, as documented.
-            let _ = reply.send(Inbox::StepDone {
-                task,
-                step,
-                attempt,
-                outcome,
-            });
+/// Runs `job`, then queued jobs while the limit allows, then frees its slot.
+/// (Boxed: it spawns itself, and a named future type breaks the cycle.)
+fn run_jobs(job: Job, shared: Arc<Shared>) -> futures_util::future::BoxFuture<'static, ()> {
+    Box::pin(run_queue(job, shared))
+}
+
+async fn run_queue(mut job: Job, shared: Arc<Shared>) {
+    loop {
+        let started = Instant::now();
+        let Job {
+            task,
+            step,
+            attempt,
+            handler,
+            ctx,
+            reply,
+        } = job;
+        let outcome = run(handler, ctx).await;
+        let micros = started.elapsed().as_micros() as u64;
+        shared.metrics.step_latency_us.record(micros);
+        // The processor may have stopped (shutdown, fencing): the attempt then runs
+        // again after a restart, as documented.
+        let _ = reply.send(Inbox::StepDone {
+            task,
+            step,
+            attempt,
+            outcome,
         });
+        let next = {
+            let mut slots = lock(&shared.slots);
+            let queued = slots.queued.len();
+            let limit = slots.limit.on_sample(micros as f64, queued);
+            shared.metrics.executor_limit.set(limit as i64);
+            let next = if slots.in_flight <= limit {
+                slots.queued.pop_front()
+            } else {
+                None
+            };
+            // A grown limit starts more of the queue than this task can run.
+            while next.is_some() && slots.in_flight < limit {
+                let Some(extra) = slots.queued.pop_front() else {
+                    break;
+                };
+                slots.in_flight += 1;
+                tokio::spawn(run_jobs(extra, Arc::clone(&shared)));
+            }
+            if next.is_none() {
+                slots.in_flight -= 1;
+            }
+            shared
+                .metrics
+                .executor_in_flight
+                .set(slots.in_flight as i64);
+            shared
+                .metrics
+                .executor_queued
+                .set(slots.queued.len() as i64);
+            next
+        };
+        match next {
+            Some(j) => job = j,
+            None => return,
+        }
     }
 }
 
@@ -175,5 +233,83 @@ async fn run(handler: Arc<dyn StepHandler>, ctx: StepContext) -> StepOutcome {
             result: RawJson::from_trusted(value.to_string()),
         },
         Ok(Ok(Err(error))) => StepOutcome::Failed(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// Sleeps a little and records how many calls overlapped.
+    struct Overlap {
+        now: AtomicUsize,
+        peak: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl StepHandler for Overlap {
+        async fn call(&self, _ctx: StepContext) -> Result<serde_json::Value, StepError> {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.peak.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(serde_json::json!({}))
+        }
+    }
+
+    fn ctx(step: u32) -> StepContext {
+        StepContext {
+            task_id: TaskId::NIL,
+            correlation_id: crate::record::CorrelationId::NIL,
+            namespace: "t".into(),
+            task_name: "t".into(),
+            version: "1.0.0".into(),
+            step: format!("s{step}"),
+            attempt: 1,
+            context: RawJson::default(),
+            parents: Vec::new(),
+            config: RawJson::default(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn jobs_beyond_the_limit_wait_and_every_job_reports_once() {
+        let metrics = Arc::new(Metrics::default());
+        let executor = Executor::start(3, 3, Arc::clone(&metrics)).unwrap();
+        let steps = executor.steps().unwrap();
+        let handler = Arc::new(Overlap {
+            now: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for i in 0..40 {
+            steps.send(Job {
+                task: TaskId::NIL,
+                step: StepId(i),
+                attempt: 1,
+                handler: Arc::clone(&handler) as Arc<dyn StepHandler>,
+                ctx: ctx(i),
+                reply: tx.clone(),
+            });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+                Inbox::StepDone { step, outcome, .. } => {
+                    assert!(matches!(outcome, StepOutcome::Completed { .. }));
+                    assert!(seen.insert(step.0), "step {} reported twice", step.0);
+                }
+                _ => panic!("not a step outcome"),
+            }
+        }
+        assert_eq!(seen.len(), 40);
+        assert_eq!(handler.peak.load(Ordering::SeqCst), 3, "the limit holds");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(metrics.executor_in_flight.get(), 0);
+        assert_eq!(metrics.executor_queued.get(), 0);
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::commit::{Commit, WriterThread};
 use super::encode::to_record;
-use super::executor::Job;
+use super::executor::{Job, Steps};
 use super::ids::derive_task_id;
 use super::metrics::Metrics;
 use super::snapshot::{SnapshotFile, SnapshotStore};
@@ -103,7 +103,7 @@ pub(crate) struct Processor {
     options: Arc<EngineOptions>,
     inbox: Receiver<Inbox>,
     self_tx: Sender<Inbox>,
-    jobs: Option<Sender<Job>>,
+    jobs: Option<Steps>,
     timers: Timers,
     view: Arc<ArcSwap<PartitionView>>,
     view_tasks: imbl::HashMap<TaskId, Arc<crate::state::TaskState>>,
@@ -140,7 +140,7 @@ impl Processor {
         options: Arc<EngineOptions>,
         inbox: Receiver<Inbox>,
         self_tx: Sender<Inbox>,
-        jobs: Option<Sender<Job>>,
+        jobs: Option<Steps>,
         view: Arc<ArcSwap<PartitionView>>,
         metrics: Arc<Metrics>,
         observer: Option<TaskObserver>,
@@ -1182,19 +1182,15 @@ impl Processor {
             };
             match self.registry.handlers().get(&spec.handler) {
                 Some(handler) => {
-                    if jobs
-                        .send(Job {
-                            task: task_id,
-                            step,
-                            attempt,
-                            handler,
-                            ctx,
-                            reply: self.self_tx.clone(),
-                        })
-                        .is_ok()
-                    {
-                        sent += 1;
-                    }
+                    jobs.send(Job {
+                        task: task_id,
+                        step,
+                        attempt,
+                        handler,
+                        ctx,
+                        reply: self.self_tx.clone(),
+                    });
+                    sent += 1;
                 }
                 None => {
                     let _ = self.self_tx.send(Inbox::StepDone {
