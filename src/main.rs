@@ -1,5 +1,10 @@
 //! `tasker`: the command line, the HTTP API and the wiring of the engine.
 
+/// mimalloc: the engine allocates on one thread (processors) and frees on
+/// another (executor, writer); glibc's arenas contend on that pattern.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod api;
 mod audit;
 mod bench;
