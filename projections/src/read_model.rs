@@ -451,7 +451,7 @@ impl AnalyticsMetrics {
 }
 
 impl SlowStep {
-    fn from_row(r: &impl Columns) -> Result<Self, sqlx::Error> {
+    fn from_row(r: &(impl Columns + ?Sized)) -> Result<Self, sqlx::Error> {
         Ok(SlowStep {
             task_id: r.task_id("task_id")?,
             step_index: r.small("step_index")?,
@@ -469,7 +469,7 @@ impl SlowStep {
 }
 
 impl SlowTask {
-    fn from_row(r: &impl Columns) -> Result<Self, sqlx::Error> {
+    fn from_row(r: &(impl Columns + ?Sized)) -> Result<Self, sqlx::Error> {
         Ok(SlowTask {
             task_id: r.task_id("task_id")?,
             namespace: r.text("namespace")?,
@@ -1014,39 +1014,32 @@ impl Store {
 
     /// The slowest completed steps, slowest first.
     pub async fn slowest_steps(&self, f: &SlowestFilter) -> Result<Vec<SlowStep>, StoreError> {
-        let limit = i64::from(f.limit);
-        match self {
-            Store::Postgres(s) => {
-                let rows = sqlx::query(PG_SLOWEST_STEPS)
-                    .bind(f.since.map(ms))
-                    .bind(i32::try_from(f.limit).unwrap_or(i32::MAX))
-                    .bind(f.namespace.as_deref())
-                    .bind(f.task_name.as_deref())
-                    .bind(f.version.as_deref())
-                    .fetch_all(s.pool())
-                    .await?;
-                collect(&rows, SlowStep::from_row)
-            }
-            Store::Sqlite(s) => {
-                let rows = sqlx::query(LITE_SLOWEST_STEPS)
-                    .bind(f.since.map(ms))
-                    .bind(limit)
-                    .bind(f.namespace.as_deref())
-                    .bind(f.task_name.as_deref())
-                    .bind(f.version.as_deref())
-                    .fetch_all(s.pool())
-                    .await?;
-                collect(&rows, SlowStep::from_row)
-            }
-        }
+        self.slowest(f, PG_SLOWEST_STEPS, LITE_SLOWEST_STEPS, |r| {
+            SlowStep::from_row(r)
+        })
+        .await
     }
 
     /// The slowest finished tasks, slowest first.
     pub async fn slowest_tasks(&self, f: &SlowestFilter) -> Result<Vec<SlowTask>, StoreError> {
-        let limit = i64::from(f.limit);
+        self.slowest(f, PG_SLOWEST_TASKS, LITE_SLOWEST_TASKS, |r| {
+            SlowTask::from_row(r)
+        })
+        .await
+    }
+
+    /// Runs one of the slowest-* queries: both take (since, limit, namespace, name,
+    /// version) in that order.
+    async fn slowest<T>(
+        &self,
+        f: &SlowestFilter,
+        pg: &'static str,
+        lite: &'static str,
+        from_row: fn(&dyn Columns) -> Result<T, sqlx::Error>,
+    ) -> Result<Vec<T>, StoreError> {
         match self {
             Store::Postgres(s) => {
-                let rows = sqlx::query(PG_SLOWEST_TASKS)
+                let rows = sqlx::query(pg)
                     .bind(f.since.map(ms))
                     .bind(i32::try_from(f.limit).unwrap_or(i32::MAX))
                     .bind(f.namespace.as_deref())
@@ -1054,18 +1047,18 @@ impl Store {
                     .bind(f.version.as_deref())
                     .fetch_all(s.pool())
                     .await?;
-                collect(&rows, SlowTask::from_row)
+                collect(&rows, |r| from_row(r))
             }
             Store::Sqlite(s) => {
-                let rows = sqlx::query(LITE_SLOWEST_TASKS)
+                let rows = sqlx::query(lite)
                     .bind(f.since.map(ms))
-                    .bind(limit)
+                    .bind(i64::from(f.limit))
                     .bind(f.namespace.as_deref())
                     .bind(f.task_name.as_deref())
                     .bind(f.version.as_deref())
                     .fetch_all(s.pool())
                     .await?;
-                collect(&rows, SlowTask::from_row)
+                collect(&rows, |r| from_row(r))
             }
         }
     }
