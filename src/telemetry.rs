@@ -45,6 +45,9 @@ pub fn init(verbose: u8, telemetry: Option<&TelemetryConfig>) -> Guard {
     } else {
         fmt.boxed()
     };
+    // The verbosity filters the log lines only: exported spans have their own
+    // level, so a quiet process still sends its traces.
+    let fmt = fmt.with_filter(filter);
     let endpoint = telemetry.and_then(|t| t.otlp_endpoint.clone());
     #[cfg(feature = "otlp")]
     {
@@ -53,10 +56,17 @@ pub fn init(verbose: u8, telemetry: Option<&TelemetryConfig>) -> Guard {
                 Ok(provider) => {
                     use opentelemetry::trace::TracerProvider as _;
                     let tracer = provider.tracer("tasker");
+                    let spans = tracing_subscriber::filter::Targets::new()
+                        .with_target("tasker", tracing::Level::INFO)
+                        .with_target("tasker_engine", tracing::Level::INFO)
+                        .with_target("tasker_projections", tracing::Level::INFO);
                     tracing_subscriber::registry()
-                        .with(filter)
                         .with(fmt)
-                        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+                        .with(
+                            tracing_opentelemetry::layer()
+                                .with_tracer(tracer)
+                                .with_filter(spans),
+                        )
                         .init();
                     return Guard {
                         provider: Some(provider),
@@ -73,7 +83,7 @@ pub fn init(verbose: u8, telemetry: Option<&TelemetryConfig>) -> Guard {
              without the `otlp` feature (cargo build --features otlp)"
         );
     }
-    tracing_subscriber::registry().with(filter).with(fmt).init();
+    tracing_subscriber::registry().with(fmt).init();
     Guard::default()
 }
 
