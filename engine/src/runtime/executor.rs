@@ -311,5 +311,17 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(metrics.executor_in_flight.get(), 0);
         assert_eq!(metrics.executor_queued.get(), 0);
+        // A processor still holding its handle after shutdown loses the job (it runs
+        // again after a restart) without a panic.
+        drop(executor);
+        steps.send(Job {
+            task: TaskId::NIL,
+            step: StepId(99),
+            attempt: 1,
+            handler: handler as Arc<dyn StepHandler>,
+            ctx: ctx(99),
+            reply: tx,
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
     }
 }
