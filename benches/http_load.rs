@@ -9,11 +9,15 @@
 //! cargo bench -p tasker --bench http_load                       # 10,000/s for 30 s
 //! cargo bench -p tasker --bench http_load -- --rate 12000 --seconds 30 --connections 128
 //! cargo bench -p tasker --bench http_load -- --project-after   # read model built after the load
+//! cargo bench -p tasker --bench http_load -- --postgres postgres://postgres@127.0.0.1:5432/postgres
 //! ```
 //!
 //! By default `tasker run` projects into its SQLite read model while serving, as
 //! deployed; `--project-after` starts it with `projector.enabled = false` and runs
 //! `tasker project --once` after the load, to measure the API and engine alone.
+//! `--postgres URL` projects into a fresh database on that server instead of
+//! SQLite (dropped afterwards). While loading, the projector's lag is sampled
+//! from `/v1/projector` every 250 ms and its maximum reported.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark program
 
 use std::collections::HashSet;
@@ -42,6 +46,7 @@ struct Args {
     seconds: u64,
     connections: usize,
     project_after: bool,
+    postgres: Option<String>,
 }
 
 fn args() -> Args {
@@ -50,6 +55,7 @@ fn args() -> Args {
         seconds: 30,
         connections: 128,
         project_after: false,
+        postgres: None,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -57,6 +63,9 @@ fn args() -> Args {
         let value = argv.get(i + 1).and_then(|v| v.parse::<u64>().ok());
         if argv[i] == "--project-after" {
             a.project_after = true;
+        }
+        if argv[i] == "--postgres" {
+            a.postgres = argv.get(i + 1).cloned();
         }
         match (argv[i].as_str(), value) {
             ("--rate", Some(v)) => a.rate = v,
@@ -88,7 +97,7 @@ impl Drop for Server {
 }
 
 #[allow(clippy::zombie_processes)] // `Server::drop` waits for the child
-fn start(dir: &Path, project: bool) -> Server {
+fn start(dir: &Path, project: bool, database_url: Option<&str>) -> Server {
     let templates = dir.join("templates");
     std::fs::create_dir_all(&templates).unwrap();
     std::fs::write(templates.join("one.yaml"), TEMPLATE).unwrap();
@@ -107,6 +116,7 @@ fn start(dir: &Path, project: bool) -> Server {
         .arg("--templates")
         .arg(&templates)
         .env("TASKER_API__BIND", "127.0.0.1:0")
+        .envs(database_url.map(|u| ("DATABASE_URL", u)))
         .env(
             "TASKER_PROJECTOR__ENABLED",
             if project { "true" } else { "false" },
@@ -269,8 +279,54 @@ fn scratch() -> PathBuf {
 fn main() {
     let a = args();
     let dir = scratch();
-    let mut server = Some(start(&dir, !a.project_after));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // A fresh database for the read model when projecting into PostgreSQL.
+    let pg = a.postgres.as_ref().map(|admin| {
+        let name = format!("tasker_http_load_{}", std::process::id());
+        rt.block_on(async {
+            let pool = sqlx::PgPool::connect(admin).await.unwrap();
+            // The name is ours (a fixed prefix and the process id), never input.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        });
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        (admin.clone(), name.clone(), format!("{base}/{name}"))
+    });
+    let mut server = Some(start(
+        &dir,
+        !a.project_after,
+        pg.as_ref().map(|(_, _, url)| url.as_str()),
+    ));
     let addr = server.as_ref().map(|s| s.api.clone()).unwrap_or_default();
+    // The projector's lag while loading: (max records behind, max seconds behind).
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = std::sync::Arc::clone(&sampling);
+        let url = format!("http://{addr}/v1/projector");
+        std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::new();
+            let (mut records, mut seconds) = (0u64, 0f64);
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(v) = client.get(&url).send().and_then(|r| r.json::<Value>()) {
+                    let parts = v.as_array().cloned().unwrap_or_default();
+                    records =
+                        records.max(parts.iter().filter_map(|p| p["lag_records"].as_u64()).sum());
+                    seconds = parts
+                        .iter()
+                        .filter_map(|p| p["lag_seconds"].as_f64())
+                        .fold(seconds, f64::max);
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            (records, seconds)
+        })
+    };
     println!(
         "http_load: POST /v1/tasks at {}/s for {} s over {} connections against {addr} (data in {})",
         a.rate,
@@ -278,10 +334,6 @@ fn main() {
         a.connections,
         dir.display()
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let (outcome, wall) = rt.block_on(async {
         // Warm up: a few hundred requests, not counted.
         let mut c = Conn::open(&addr).await;
@@ -340,6 +392,15 @@ fn main() {
         h.max() as f64 / 1000.0
     );
 
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (lag_records, lag_seconds) = sampler.join().unwrap();
+    if !a.project_after {
+        println!(
+            "projector lag while loading ({}): max {lag_seconds:.2} s, max {lag_records} records behind",
+            if pg.is_some() { "PostgreSQL" } else { "SQLite" }
+        );
+    }
+
     // Where the time went, from the server's own histograms.
     let client = reqwest::blocking::Client::new();
     if let Ok(text) = client
@@ -396,6 +457,15 @@ fn main() {
             })
             .unwrap_or(u64::MAX);
         let ids: HashSet<String> = rt.block_on(async {
+            if let Some((_, _, url)) = &pg {
+                let pool = sqlx::PgPool::connect(url).await.unwrap();
+                let rows = sqlx::query("SELECT task_id::text AS task_id FROM tasker_tasks")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+                return rows.iter().map(|r| r.get::<String, _>("task_id")).collect();
+            }
             let url = format!("sqlite://{}", dir.join("data/read-model.db").display());
             let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
             let rows = sqlx::query("SELECT task_id FROM tasker_tasks")
@@ -427,5 +497,16 @@ fn main() {
         std::thread::sleep(Duration::from_secs(1));
     }
     drop(server);
+    if let Some((admin, name, _)) = &pg {
+        rt.block_on(async {
+            let pool = sqlx::PgPool::connect(admin).await.unwrap();
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&pool)
+            .await;
+            pool.close().await;
+        });
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
