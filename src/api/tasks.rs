@@ -43,6 +43,22 @@ fn reply(r: Result<(axum::http::StatusCode, Accepted), Problem>) -> Response {
     }
 }
 
+/// Cancel, retry and resolve: the task id from the path, then one command through
+/// the service layer (which checks the permission).
+async fn act(
+    state: &AppState,
+    who: &Principal,
+    corr: &Correlation,
+    id: &str,
+    permission: Permission,
+    cmd: Command,
+) -> Response {
+    match parse_id(id) {
+        Ok(id) => reply(state.task_command(who, id, permission, cmd, corr.0).await),
+        Err(p) => p.into_response(),
+    }
+}
+
 /// Request a task.
 #[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = CreateTask,
     responses(
@@ -149,19 +165,11 @@ pub async fn cancel_task(
     Path(id): Path<String>,
     OptionalJson(body): OptionalJson<TaskAction>,
 ) -> Response {
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(p) => return p.into_response(),
-    };
     let cmd = Command::CancelTask(CancelTask {
         requested_by: body.requested_by,
         reason: body.reason,
     });
-    reply(
-        state
-            .task_command(&who, id, Permission::TaskCancel, cmd, corr.0)
-            .await,
-    )
+    act(&state, &who, &corr, &id, Permission::TaskCancel, cmd).await
 }
 
 /// Retry the failed steps of a task in error.
@@ -182,19 +190,11 @@ pub async fn retry_task(
     Path(id): Path<String>,
     OptionalJson(body): OptionalJson<TaskAction>,
 ) -> Response {
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(p) => return p.into_response(),
-    };
     let cmd = Command::RetryTask(RetryTask {
         requested_by: body.requested_by,
         reason: body.reason,
     });
-    reply(
-        state
-            .task_command(&who, id, Permission::TaskRetry, cmd, corr.0)
-            .await,
-    )
+    act(&state, &who, &corr, &id, Permission::TaskRetry, cmd).await
 }
 
 /// Settle a failed step by hand.
@@ -215,10 +215,6 @@ pub async fn resolve_step(
     Path((id, step)): Path<(String, String)>,
     OptionalJson(body): OptionalJson<Resolve>,
 ) -> Response {
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(p) => return p.into_response(),
-    };
     let cmd = Command::ResolveStep(ResolveStep {
         step,
         result: body.result.as_ref().map(RawJson::from_value),
@@ -226,9 +222,5 @@ pub async fn resolve_step(
         reason: body.reason,
         skip_dependents: body.skip_dependents,
     });
-    reply(
-        state
-            .task_command(&who, id, Permission::StepResolve, cmd, corr.0)
-            .await,
-    )
+    act(&state, &who, &corr, &id, Permission::StepResolve, cmd).await
 }
