@@ -503,6 +503,11 @@ async fn queries(admin: &str, plans: bool, keep: bool) {
             .await
             .unwrap_or_else(|e| panic!("{e}: {sql}"));
     }
+    // Bulk rows bypass the projector, which keeps the analytics summaries.
+    sqlx::query("SELECT tasker_rebuild_hourly_v01()")
+        .execute(pg.pool())
+        .await
+        .unwrap();
     sqlx::raw_sql("VACUUM ANALYZE")
         .execute(pg.pool())
         .await

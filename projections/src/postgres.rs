@@ -15,6 +15,61 @@ use tasker_engine::record::{Epoch, PartitionId, Position, TaskId};
 use crate::batch::{Batch, Duration};
 use crate::store::{Checkpoint, StoreError};
 
+/// The tail of the statement that updates tasks, keeping `tasker_task_hourly`
+/// (migration 0005) in step: a CTE `old` holds the updated rows as they were
+/// (status, requested_at, completed_at), a CTE `new` as they are now; each touched
+/// hour gets their difference in one upsert (a task can leave `error`). Rows the
+/// batch creates are summed in Rust instead ([`TaskHours`]): the batch knows them
+/// whole, so they cost no lookup. `old` looks each key up in a
+/// `LATERAL (... OFFSET 0)`: a primary-key probe per row whatever the statistics
+/// say (after `reset` they say the tables are empty, and a plain join became a
+/// nested loop rescanning the keys for every complete step: 30 s batches).
+macro_rules! task_hourly {
+    () => {
+        " INSERT INTO tasker_task_hourly AS h (hour, requested, complete, error, complete_span_us)
+          SELECT * FROM (
+              SELECT date_trunc('hour', d.requested_at, 'UTC') AS hour, sum(d.sign) AS n,
+                     sum(d.sign * (d.status = 'complete')::int) AS c,
+                     sum(d.sign * (d.status = 'error')::int) AS e,
+                     COALESCE(sum(d.sign * (EXTRACT(EPOCH FROM d.completed_at - d.requested_at) * 1000000)::BIGINT)
+                              FILTER (WHERE d.status = 'complete'), 0) AS us
+              FROM (SELECT 1 AS sign, n.status, n.requested_at, n.completed_at FROM new n
+                    UNION ALL
+                    SELECT -1, o.status, o.requested_at, o.completed_at FROM old o) d
+              GROUP BY 1
+          ) g
+          WHERE g.n <> 0 OR g.c <> 0 OR g.e <> 0 OR g.us <> 0
+          ON CONFLICT (hour) DO UPDATE SET
+              requested = h.requested + EXCLUDED.requested,
+              complete = h.complete + EXCLUDED.complete,
+              error = h.error + EXCLUDED.error,
+              complete_span_us = h.complete_span_us + EXCLUDED.complete_span_us"
+    };
+}
+
+/// As [`task_hourly`] for `tasker_step_hourly` and the statement that updates
+/// steps, from `new` alone (the updated steps' status, completed_at, duration_ms
+/// and the status the batch set, NULL when it set none): a step counts once, when
+/// the batch makes it complete (steps the batch creates: [`StepHours`]).
+/// Complete is terminal (no event changes a complete step) and a step's row is
+/// inserted once (`task.accepted` once per task), so nothing is ever subtracted
+/// and no row is looked up as it was; the property test compares the summaries
+/// with a recomputation after every checkpoint.
+macro_rules! step_hourly {
+    () => {
+        " INSERT INTO tasker_step_hourly AS h (hour, complete, timed, duration_ms)
+          SELECT date_trunc('hour', n.completed_at, 'UTC'), count(*), count(n.duration_ms),
+                 COALESCE(sum(n.duration_ms), 0)
+          FROM new n
+          WHERE n.set_status = 'complete' AND n.status = 'complete' AND n.completed_at IS NOT NULL
+          GROUP BY 1
+          ON CONFLICT (hour) DO UPDATE SET
+              complete = h.complete + EXCLUDED.complete,
+              timed = h.timed + EXCLUDED.timed,
+              duration_ms = h.duration_ms + EXCLUDED.duration_ms"
+    };
+}
+
 /// The read model in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -86,7 +141,8 @@ impl PgStore {
         sqlx::query(
             "TRUNCATE tasker_workflow_step_transitions, tasker_task_transitions,
                       tasker_workflow_step_edges, tasker_workflow_steps, tasker_tasks,
-                      tasker_named_tasks, tasker_task_namespaces",
+                      tasker_named_tasks, tasker_task_namespaces, tasker_task_hourly,
+                      tasker_step_hourly",
         )
         .execute(&mut *tx)
         .await?;
@@ -274,6 +330,11 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(),
         .bind(init.iter().map(|i| ms(i.updated_at)).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
+        let mut hours = TaskHours::default();
+        for (r, i) in t.iter().zip(&init) {
+            hours.add(r.requested_at, i.status, i.completed_at);
+        }
+        hours.write(tx).await?;
     }
     if !b.new_steps.is_empty() {
         // Inserted as the batch leaves them (their patches are not applied again).
@@ -353,6 +414,11 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(),
         .bind(init.iter().map(|i| ms(i.updated_at)).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
+        let mut hours = StepHours::default();
+        for i in &init {
+            hours.add(i.status, i.completed_at, i.duration_ms);
+        }
+        hours.write(tx).await?;
     }
     if !b.edges.is_empty() {
         sqlx::query(
@@ -370,6 +436,111 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(),
     write_task_patches(tx, b).await?;
     write_step_patches(tx, b).await?;
     Ok(())
+}
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// The UTC hour of a log time, in milliseconds (as `date_trunc('hour', t, 'UTC')`).
+fn hour_of(t: tasker_engine::record::Timestamp) -> i64 {
+    let m = ms(t);
+    m - m.rem_euclid(HOUR_MS)
+}
+
+/// `tasker_task_hourly` contributions of the tasks a batch creates, per hour:
+/// requested, complete, error, complete span (µs).
+#[derive(Default)]
+struct TaskHours(std::collections::BTreeMap<i64, [i64; 4]>);
+
+impl TaskHours {
+    fn add(
+        &mut self,
+        requested_at: tasker_engine::record::Timestamp,
+        status: &str,
+        completed_at: Option<tasker_engine::record::Timestamp>,
+    ) {
+        let h = self.0.entry(hour_of(requested_at)).or_default();
+        h[0] += 1;
+        match status {
+            "complete" => {
+                h[1] += 1;
+                if let Some(c) = completed_at {
+                    h[3] += (ms(c) - ms(requested_at)) * 1_000;
+                }
+            }
+            "error" => h[2] += 1,
+            _ => {}
+        }
+    }
+
+    async fn write(self, tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
+        let (hours, v): (Vec<i64>, Vec<[i64; 4]>) = self.0.into_iter().unzip();
+        sqlx::query(
+            "INSERT INTO tasker_task_hourly AS h (hour, requested, complete, error, complete_span_us)
+             SELECT TIMESTAMPTZ 'epoch' + u.hour * INTERVAL '1 millisecond', u.n, u.c, u.e, u.us
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
+                  AS u(hour, n, c, e, us)
+             ON CONFLICT (hour) DO UPDATE SET
+                 requested = h.requested + EXCLUDED.requested,
+                 complete = h.complete + EXCLUDED.complete,
+                 error = h.error + EXCLUDED.error,
+                 complete_span_us = h.complete_span_us + EXCLUDED.complete_span_us",
+        )
+        .bind(hours)
+        .bind(v.iter().map(|h| h[0]).collect::<Vec<_>>())
+        .bind(v.iter().map(|h| h[1]).collect::<Vec<_>>())
+        .bind(v.iter().map(|h| h[2]).collect::<Vec<_>>())
+        .bind(v.iter().map(|h| h[3]).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// `tasker_step_hourly` contributions of the steps a batch creates (complete
+/// ones, by completed_at hour): complete, timed, duration sum.
+#[derive(Default)]
+struct StepHours(std::collections::BTreeMap<i64, [i64; 3]>);
+
+impl StepHours {
+    fn add(
+        &mut self,
+        status: &str,
+        completed_at: Option<tasker_engine::record::Timestamp>,
+        duration_ms: Option<i64>,
+    ) {
+        let (Some(at), "complete") = (completed_at, status) else {
+            return;
+        };
+        let h = self.0.entry(hour_of(at)).or_default();
+        h[0] += 1;
+        if let Some(d) = duration_ms {
+            h[1] += 1;
+            h[2] += d;
+        }
+    }
+
+    async fn write(self, tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let (hours, v): (Vec<i64>, Vec<[i64; 3]>) = self.0.into_iter().unzip();
+        sqlx::query(
+            "INSERT INTO tasker_step_hourly AS h (hour, complete, timed, duration_ms)
+             SELECT TIMESTAMPTZ 'epoch' + u.hour * INTERVAL '1 millisecond', u.n, u.t, u.ms
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[]) AS u(hour, n, t, ms)
+             ON CONFLICT (hour) DO UPDATE SET
+                 complete = h.complete + EXCLUDED.complete,
+                 timed = h.timed + EXCLUDED.timed,
+                 duration_ms = h.duration_ms + EXCLUDED.duration_ms",
+        )
+        .bind(hours)
+        .bind(v.iter().map(|h| h[0]).collect::<Vec<_>>())
+        .bind(v.iter().map(|h| h[1]).collect::<Vec<_>>())
+        .bind(v.iter().map(|h| h[2]).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
 }
 
 /// Transitions go in before the rows change, so a `from_state` the batch does not
@@ -574,16 +745,22 @@ async fn write_task_patches(
     if ids.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "UPDATE tasker_tasks t SET
+    sqlx::query(concat!(
+        "WITH old AS (SELECT o.* FROM UNNEST($1::uuid[]) AS k(task_id) CROSS JOIN LATERAL (
+                          SELECT o.status, o.requested_at, o.completed_at FROM tasker_tasks o
+                          WHERE o.task_id = k.task_id OFFSET 0) o),
+         new AS (
+         UPDATE tasker_tasks t SET
              status = COALESCE(u.status, t.status),
              started_at = CASE WHEN u.set_started THEN (TIMESTAMPTZ 'epoch' + (u.started)::BIGINT * INTERVAL '1 millisecond') ELSE t.started_at END,
              completed_at = CASE WHEN u.set_completed THEN (TIMESTAMPTZ 'epoch' + (u.completed)::BIGINT * INTERVAL '1 millisecond') ELSE t.completed_at END,
              updated_at = COALESCE((TIMESTAMPTZ 'epoch' + (u.updated)::BIGINT * INTERVAL '1 millisecond'), t.updated_at)
          FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::int8[], $5::bool[], $6::int8[], $7::int8[])
               AS u(task_id, status, set_started, started, set_completed, completed, updated)
-         WHERE t.task_id = u.task_id",
-    )
+         WHERE t.task_id = u.task_id
+         RETURNING t.status, t.requested_at, t.completed_at)",
+        task_hourly!()
+    ))
     .bind(ids)
     .bind(status)
     .bind(set_started)
@@ -675,8 +852,9 @@ async fn write_step_patches(
         s_error,
     ] = c.set;
     let [t_att, t_fail, t_retry, t_start, t_done] = c.ts;
-    sqlx::query(
-        "UPDATE tasker_workflow_steps s SET
+    sqlx::query(concat!(
+        "WITH new AS (
+         UPDATE tasker_workflow_steps s SET
              status = COALESCE(u.status, s.status),
              attempts = COALESCE(u.attempts, s.attempts),
              last_attempted_at = CASE WHEN u.s_att THEN (TIMESTAMPTZ 'epoch' + (u.t_att)::BIGINT * INTERVAL '1 millisecond') ELSE s.last_attempted_at END,
@@ -701,8 +879,10 @@ async fn write_step_patches(
               AS u(task_id, step, status, attempts, s_att, t_att, s_fail, t_fail, s_retry, t_retry,
                    s_start, t_start, s_done, t_done, s_backoff, backoff, s_results, results,
                    s_error, error, dmode, dval, updated)
-         WHERE s.task_id = u.task_id AND s.step_index = u.step",
-    )
+         WHERE s.task_id = u.task_id AND s.step_index = u.step
+         RETURNING s.status, s.completed_at, s.duration_ms, u.status AS set_status)",
+        step_hourly!()
+    ))
     .bind(c.ids)
     .bind(c.steps)
     .bind(c.status)

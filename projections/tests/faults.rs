@@ -32,6 +32,20 @@ async fn rows(store: &Store) -> Vec<String> {
     .unwrap()
     .iter()
     .map(|r| r.get::<String, _>("r"))
+    .chain(
+        // The analytics summaries the projector keeps in the same transactions.
+        sqlx::query_scalar::<_, String>(
+            "SELECT 'th ' || hour || ' ' || requested || ' ' || complete || ' ' || error || ' ' || complete_span_us
+             FROM tasker_task_hourly
+             UNION ALL
+             SELECT 'sh ' || hour || ' ' || complete || ' ' || timed || ' ' || duration_ms
+             FROM tasker_step_hourly
+             ORDER BY 1",
+        )
+        .fetch_all(pg.pool())
+        .await
+        .unwrap(),
+    )
     .collect()
 }
 
@@ -53,6 +67,7 @@ async fn project(store: &Store, log: &Arc<dyn Log>, batch: usize, chaos: Option<
         Arc::clone(&stop),
     ));
     let mut kills = 0;
+    let mut round = 0u64;
     let admin = match chaos {
         Some(url) => Some(sqlx::PgPool::connect(url).await.unwrap()),
         None => None,
@@ -71,7 +86,10 @@ async fn project(store: &Store, log: &Arc<dyn Log>, batch: usize, chaos: Option<
             .await
             .unwrap();
             kills += n as u64;
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            // 30-90 ms apart: a fresh connection plans every statement again,
+            // and a fixed 30 ms left too few whole batches to make progress.
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(30 + round * 7_919 % 61)).await;
         } else {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

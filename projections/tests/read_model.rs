@@ -1094,6 +1094,7 @@ impl Rng {
 }
 
 const MAX_TASKS: usize = 8;
+const HOUR: u64 = 3_600_000;
 const ITERATIONS: usize = 600;
 
 /// A simulated engine: inputs are decided and their events applied to the fold
@@ -1262,6 +1263,11 @@ impl Sim {
     /// One tick. Returns false when nothing can happen any more.
     fn tick(&mut self) -> Result<bool, TestCaseError> {
         self.now += self.rng.below(15) as u64;
+        // Now and then a quiet spell, so periods span whole hours of the analytics
+        // summaries (PostgreSQL) and start and end inside others.
+        if self.rng.chance(2) {
+            self.now += self.rng.below(90 * 60_000) as u64;
+        }
         if self.tasks.len() < MAX_TASKS && (self.tasks.is_empty() || self.rng.chance(6)) {
             self.request()?;
             return Ok(true);
@@ -1493,13 +1499,43 @@ async fn checkpoint(
         prop_assert_eq!(pg.task(*id).await.unwrap(), lite.task(*id).await.unwrap());
         prop_assert_eq!(pg.steps(*id).await.unwrap(), lite.steps(*id).await.unwrap());
     }
-    for since in [Timestamp(T0), Timestamp(sim.now.saturating_sub(40))] {
-        prop_assert_eq!(
-            pg.analytics(since, now).await.unwrap(),
-            lite.analytics(since, now).await.unwrap(),
-            "analytics since {}",
-            since.0
-        );
+    prop_assert!(
+        summaries_are_exact(pg).await,
+        "the projector's hourly summaries differ from a recomputation"
+    );
+    // Periods from the start, the last moments, and on and around hour boundaries.
+    let first_hour = (T0 / HOUR + 1) * HOUR;
+    let last_hour = (sim.now / HOUR) * HOUR;
+    let sinces = [
+        T0,
+        sim.now.saturating_sub(40),
+        first_hour - 1,
+        first_hour,
+        first_hour + 1,
+        last_hour,
+    ];
+    let as_ofs = [
+        sim.now,
+        last_hour - 1,
+        last_hour,
+        last_hour + 1,
+        first_hour + HOUR,
+    ];
+    for since in sinces {
+        for as_of in as_ofs {
+            let (lo, hi) = ((since / HOUR + 1) * HOUR, (as_of / HOUR) * HOUR);
+            if lo < hi && summarized_hours(pg, lo, hi).await > 0 {
+                coverage.summarized_periods += 1;
+            }
+            let (since, as_of) = (Timestamp(since), Timestamp(as_of));
+            prop_assert_eq!(
+                pg.analytics(since, as_of).await.unwrap(),
+                lite.analytics(since, as_of).await.unwrap(),
+                "analytics in ({}, {}]",
+                since.0,
+                as_of.0
+            );
+        }
     }
     for filter in [
         SlowestFilter::default(),
@@ -1546,6 +1582,9 @@ struct Coverage {
     ready_in_error: usize,
     /// Steps in error answered not ready because their retry was not due yet.
     waiting_in_error: usize,
+    /// Analytics periods holding a whole hour with tasks or steps in it, so
+    /// PostgreSQL's answer came partly from the hourly summaries.
+    summarized_periods: usize,
     /// Task and step statuses seen at checkpoints.
     task_statuses: std::collections::BTreeSet<&'static str>,
     step_statuses: std::collections::BTreeSet<&'static str>,
@@ -1630,8 +1669,61 @@ fn sql_readiness_matches_the_engine_and_stores_agree() {
             && c.ready > 0
             && c.ready_in_error > 0
             && c.waiting_in_error > 0
+            && c.summarized_periods > 0
             && c.task_statuses.len() == TaskStatus::ALL.len()
             && c.step_statuses.len() == StepStatus::ALL.len(),
-        "the cases did not exercise readiness, due and waiting retries and every status: {c:?}"
+        "the cases did not exercise readiness, due and waiting retries, summarized periods and every status: {c:?}"
     );
+}
+
+/// Whether the hourly analytics summaries the projector keeps equal
+/// `tasker_rebuild_hourly_v01()`'s recomputation from the rows (rolled back).
+async fn summaries_are_exact(store: &Store) -> bool {
+    let Store::Postgres(pg) = store else {
+        unreachable!()
+    };
+    async fn read(tx: &mut sqlx::PgConnection) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT 'task ' || hour || ' ' || requested || ' ' || complete || ' ' || error || ' ' || complete_span_us
+             FROM tasker_task_hourly
+             UNION ALL
+             SELECT 'step ' || hour || ' ' || complete || ' ' || timed || ' ' || duration_ms
+             FROM tasker_step_hourly
+             ORDER BY 1",
+        )
+        .fetch_all(tx)
+        .await
+        .unwrap()
+    }
+    let mut tx = pg.pool().begin().await.unwrap();
+    let kept = read(&mut tx).await;
+    sqlx::query("SELECT tasker_rebuild_hourly_v01()")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let recomputed = read(&mut tx).await;
+    tx.rollback().await.unwrap();
+    // Hours whose rows all left (counts back to zero) stay as zero rows.
+    let zero =
+        |r: &String| r.ends_with(" 0 0 0 0") || (r.starts_with("step ") && r.ends_with(" 0 0 0"));
+    let kept: Vec<String> = kept.into_iter().filter(|r| !zero(r)).collect();
+    kept == recomputed
+}
+
+/// Summary hours in [lo, hi) (milliseconds) with something in them.
+async fn summarized_hours(store: &Store, lo: u64, hi: u64) -> i64 {
+    let Store::Postgres(pg) = store else {
+        unreachable!()
+    };
+    sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM tasker_task_hourly
+                 WHERE requested > 0 AND hour >= tasker_ms_to_ts($1) AND hour < tasker_ms_to_ts($2))
+              + (SELECT count(*) FROM tasker_step_hourly
+                 WHERE complete > 0 AND hour >= tasker_ms_to_ts($1) AND hour < tasker_ms_to_ts($2))",
+    )
+    .bind(lo as i64)
+    .bind(hi as i64)
+    .fetch_one(pg.pool())
+    .await
+    .unwrap()
 }
