@@ -6,7 +6,8 @@
 //! equals a fresh rebuild from the log.
 //!
 //! `TASKER_CRASH_KILLS` (default 5 per backend), `TASKER_CRASH_BACKENDS` (default
-//! `file,file-eager,kafka`; `file-eager` runs with `execution.dispatch = "eager"`),
+//! `file,file-eager,kafka`; `file` runs with `execution.dispatch = "durable"`,
+//! `file-eager` with the default `eager`),
 //! `TASKER_CRASH_SEED` to replay a run. `scripts/soak` runs 100+.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
@@ -211,9 +212,16 @@ fn backends() -> Vec<Backend> {
             ("TASKER_LOG__PARTITIONS".to_owned(), "2".to_owned()),
         ];
         match name {
-            "file" => out.push(Backend { name: "file", env }),
+            "file" => {
+                // Steps reach handlers once their batch is durable.
+                env.push((
+                    "TASKER_EXECUTION__DISPATCH".to_owned(),
+                    "durable".to_owned(),
+                ));
+                out.push(Backend { name: "file", env });
+            }
             "file-eager" => {
-                // Steps reach handlers before their batch is durable.
+                // Steps reach handlers before their batch is durable (the default).
                 env.push(("TASKER_EXECUTION__DISPATCH".to_owned(), "eager".to_owned()));
                 out.push(Backend {
                     name: "file-eager",

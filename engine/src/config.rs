@@ -150,15 +150,17 @@ pub struct ExecutionConfig {
     pub dispatch: Dispatch,
 }
 
-/// When started steps reach their handlers. `eager` saves one fsync per DAG level
-/// of latency; the price is that a crash before the group commit lands can run an
-/// attempt the log never records, so the restarted engine runs the same attempt
-/// number again. Handlers are at-least-once either way; nothing is recorded twice.
+/// When started steps reach their handlers. `eager` (the default) saves one fsync
+/// per DAG level of latency; the price is that a crash before the group commit
+/// lands can run an attempt the log never records, so the restarted engine runs
+/// the same attempt number again (Temporal records an activity's start only with
+/// its result, for the same reason). Handlers are at-least-once either way;
+/// nothing is recorded twice. `durable` waits for `step.started` to be on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dispatch {
-    #[default]
     Durable,
+    #[default]
     Eager,
 }
 
@@ -386,7 +388,7 @@ impl Default for ExecutionConfig {
         ExecutionConfig {
             min_concurrent_steps: 8,
             max_concurrent_steps: 512,
-            dispatch: Dispatch::Durable,
+            dispatch: Dispatch::Eager,
         }
     }
 }
@@ -851,7 +853,7 @@ secret = "0123456789abcdef0123456789abcdef"
             "tasker.toml",
             env(&[
                 ("TASKER_EXECUTION__MAX_CONCURRENT_STEPS", "32"),
-                ("TASKER_EXECUTION__DISPATCH", "eager"),
+                ("TASKER_EXECUTION__DISPATCH", "durable"),
                 ("TASKER_LOG__BACKEND", "kafka"),
                 ("TASKER_KAFKA_BROKERS", "127.0.0.1:9092"),
                 ("DATABASE_URL", "postgres://localhost/test"),
@@ -862,7 +864,7 @@ secret = "0123456789abcdef0123456789abcdef"
         .unwrap();
         assert_eq!(c.log.partitions, 2);
         assert_eq!(c.execution.max_concurrent_steps, 32);
-        assert_eq!(c.execution.dispatch, Dispatch::Eager);
+        assert_eq!(c.execution.dispatch, Dispatch::Durable);
         assert_eq!(c.log.backend, Backend::Kafka);
         assert_eq!(c.kafka.brokers.as_deref(), Some("127.0.0.1:9092"));
         assert_eq!(c.database.url.as_deref(), Some("postgres://localhost/test"));

@@ -84,7 +84,7 @@ impl Default for EngineOptions {
             inbox_capacity: 65_536,
             owner: format!("pid {}", std::process::id()),
             run_steps: true,
-            eager_dispatch: false,
+            eager_dispatch: true,
         }
     }
 }
