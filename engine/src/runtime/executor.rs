@@ -51,31 +51,47 @@ pub(crate) struct Steps {
 
 impl Steps {
     /// Starts `job` now if the limit allows, else queues it behind the running ones.
+    #[cfg(test)]
     pub(crate) fn send(&self, job: Job) {
-        let run_now = {
+        self.send_all(vec![job]);
+    }
+
+    /// Starts what the limit allows of a round's `jobs` and queues the rest. The
+    /// ones that start cross to the pool as one task, which spawns the others from
+    /// inside it (local run queues) and runs the first itself: one hand-off from
+    /// the processor's thread per round instead of one per step.
+    pub(crate) fn send_all(&self, jobs: Vec<Job>) {
+        let mut run_now = Vec::new();
+        {
             let mut slots = lock(&self.shared.slots);
-            if slots.in_flight < slots.limit.current() {
-                slots.in_flight += 1;
-                self.shared
-                    .metrics
-                    .executor_in_flight
-                    .set(slots.in_flight as i64);
-                Some(job)
-            } else {
-                slots.queued.push_back(job);
-                self.shared
-                    .metrics
-                    .executor_queued
-                    .set(slots.queued.len() as i64);
-                None
+            for job in jobs {
+                if slots.in_flight < slots.limit.current() {
+                    slots.in_flight += 1;
+                    run_now.push(job);
+                } else {
+                    slots.queued.push_back(job);
+                }
             }
-        };
-        if let Some(job) = run_now {
-            let shared = Arc::clone(&self.shared);
-            // After shutdown the runtime drops the task; the attempt runs again after
-            // a restart, as documented.
-            self.runtime.spawn(run_jobs(job, shared));
+            let metrics = &self.shared.metrics;
+            metrics.executor_in_flight.set(slots.in_flight as i64);
+            metrics.executor_queued.set(slots.queued.len() as i64);
         }
+        if run_now.is_empty() {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        // After shutdown the runtime drops the task; the attempts run again after a
+        // restart, as documented.
+        self.runtime.spawn(async move {
+            let mut jobs = run_now.into_iter();
+            let first = jobs.next();
+            for job in jobs {
+                tokio::spawn(run_jobs(job, Arc::clone(&shared)));
+            }
+            if let Some(job) = first {
+                run_queue(job, shared).await;
+            }
+        });
     }
 }
 
@@ -286,16 +302,19 @@ mod tests {
             peak: AtomicUsize::new(0),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
-        for i in 0..40 {
-            steps.send(Job {
-                task: TaskId::NIL,
-                step: StepId(i),
-                attempt: 1,
-                handler: Arc::clone(&handler) as Arc<dyn StepHandler>,
-                ctx: ctx(i),
-                reply: tx.clone(),
-            });
+        let job = |i: u32| Job {
+            task: TaskId::NIL,
+            step: StepId(i),
+            attempt: 1,
+            handler: Arc::clone(&handler) as Arc<dyn StepHandler>,
+            ctx: ctx(i),
+            reply: tx.clone(),
+        };
+        // One at a time, then a round of 30 at once (most of it queued).
+        for i in 0..10 {
+            steps.send(job(i));
         }
+        steps.send_all((10..40).map(job).collect());
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..40 {
             match rx.recv_timeout(Duration::from_secs(10)).unwrap() {

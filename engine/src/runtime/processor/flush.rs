@@ -232,6 +232,7 @@ impl Processor {
     pub(super) fn dispatch(&mut self, started: &[(TaskId, StepId, u32)]) {
         let Some(jobs) = &self.jobs else { return };
         let mut sent = 0;
+        let mut batch = Vec::with_capacity(started.len());
         for &(task_id, step, attempt) in started {
             let Some(task) = self.state.task(&task_id) else {
                 continue;
@@ -271,7 +272,7 @@ impl Processor {
             };
             match self.registry.handlers().get(&spec.handler) {
                 Some(handler) => {
-                    jobs.send(Job {
+                    batch.push(Job {
                         task: task_id,
                         step,
                         attempt,
@@ -297,6 +298,7 @@ impl Processor {
                 }
             }
         }
+        jobs.send_all(batch);
         self.in_flight += sent;
     }
 }
