@@ -32,20 +32,8 @@ async fn rows(store: &Store) -> Vec<String> {
     .unwrap()
     .iter()
     .map(|r| r.get::<String, _>("r"))
-    .chain(
-        // The analytics summaries the projector keeps in the same transactions.
-        sqlx::query_scalar::<_, String>(
-            "SELECT 'th ' || hour || ' ' || requested || ' ' || complete || ' ' || error || ' ' || complete_span_us
-             FROM tasker_task_hourly
-             UNION ALL
-             SELECT 'sh ' || hour || ' ' || complete || ' ' || timed || ' ' || duration_ms
-             FROM tasker_step_hourly
-             ORDER BY 1",
-        )
-        .fetch_all(pg.pool())
-        .await
-        .unwrap(),
-    )
+    // The analytics summaries the projector keeps in the same transactions.
+    .chain(common::summary_rows(&mut pg.pool().acquire().await.unwrap()).await)
     .collect()
 }
 

@@ -138,19 +138,7 @@ async fn pg_rows(store: &Store) -> Vec<String> {
         ));
     }
     // The analytics summaries the projector keeps in the same transactions.
-    out.extend(
-        sqlx::query_scalar::<_, String>(
-            "SELECT 'th ' || hour || ' ' || requested || ' ' || complete || ' ' || error || ' ' || complete_span_us
-             FROM tasker_task_hourly
-             UNION ALL
-             SELECT 'sh ' || hour || ' ' || complete || ' ' || timed || ' ' || duration_ms
-             FROM tasker_step_hourly
-             ORDER BY 1",
-        )
-        .fetch_all(pg.pool())
-        .await
-        .unwrap(),
-    );
+    out.extend(common::summary_rows(&mut pg.pool().acquire().await.unwrap()).await);
     out
 }
 

@@ -1682,26 +1682,13 @@ async fn summaries_are_exact(store: &Store) -> bool {
     let Store::Postgres(pg) = store else {
         unreachable!()
     };
-    async fn read(tx: &mut sqlx::PgConnection) -> Vec<String> {
-        sqlx::query_scalar(
-            "SELECT 'task ' || hour || ' ' || requested || ' ' || complete || ' ' || error || ' ' || complete_span_us
-             FROM tasker_task_hourly
-             UNION ALL
-             SELECT 'step ' || hour || ' ' || complete || ' ' || timed || ' ' || duration_ms
-             FROM tasker_step_hourly
-             ORDER BY 1",
-        )
-        .fetch_all(tx)
-        .await
-        .unwrap()
-    }
     let mut tx = pg.pool().begin().await.unwrap();
-    let kept = read(&mut tx).await;
+    let kept = common::summary_rows(&mut tx).await;
     sqlx::query("SELECT tasker_rebuild_hourly_v01()")
         .execute(&mut *tx)
         .await
         .unwrap();
-    let recomputed = read(&mut tx).await;
+    let recomputed = common::summary_rows(&mut tx).await;
     tx.rollback().await.unwrap();
     // Hours whose rows all left (counts back to zero) stay as zero rows.
     let zero =

@@ -200,3 +200,19 @@ pub fn fold(log: &dyn Log, partition: PartitionId) -> State {
     }
     state
 }
+
+/// The analytics summaries (`tasker_task_hourly`, `tasker_step_hourly`) as
+/// comparable lines: `task|step <hour> <counts...>`.
+pub async fn summary_rows(conn: &mut sqlx::PgConnection) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT 'task ' || hour || ' ' || requested || ' ' || complete || ' ' || error || ' ' || complete_span_us
+         FROM tasker_task_hourly
+         UNION ALL
+         SELECT 'step ' || hour || ' ' || complete || ' ' || timed || ' ' || duration_ms
+         FROM tasker_step_hourly
+         ORDER BY 1",
+    )
+    .fetch_all(conn)
+    .await
+    .unwrap()
+}
