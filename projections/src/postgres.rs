@@ -15,61 +15,6 @@ use tasker_engine::record::{Epoch, PartitionId, Position, TaskId};
 use crate::batch::{Batch, Duration};
 use crate::store::{Checkpoint, StoreError};
 
-/// The tail of the statement that updates tasks, keeping `tasker_task_hourly`
-/// (migration 0005) in step: a CTE `old` holds the updated rows as they were
-/// (status, requested_at, completed_at), a CTE `new` as they are now; each touched
-/// hour gets their difference in one upsert (a task can leave `error`). Rows the
-/// batch creates are summed in Rust instead ([`TaskHours`]): the batch knows them
-/// whole, so they cost no lookup. `old` looks each key up in a
-/// `LATERAL (... OFFSET 0)`: a primary-key probe per row whatever the statistics
-/// say (after `reset` they say the tables are empty, and a plain join became a
-/// nested loop rescanning the keys for every complete step: 30 s batches).
-macro_rules! task_hourly {
-    () => {
-        " INSERT INTO tasker_task_hourly AS h (hour, requested, complete, error, complete_span_us)
-          SELECT * FROM (
-              SELECT date_trunc('hour', d.requested_at, 'UTC') AS hour, sum(d.sign) AS n,
-                     sum(d.sign * (d.status = 'complete')::int) AS c,
-                     sum(d.sign * (d.status = 'error')::int) AS e,
-                     COALESCE(sum(d.sign * (EXTRACT(EPOCH FROM d.completed_at - d.requested_at) * 1000000)::BIGINT)
-                              FILTER (WHERE d.status = 'complete'), 0) AS us
-              FROM (SELECT 1 AS sign, n.status, n.requested_at, n.completed_at FROM new n
-                    UNION ALL
-                    SELECT -1, o.status, o.requested_at, o.completed_at FROM old o) d
-              GROUP BY 1
-          ) g
-          WHERE g.n <> 0 OR g.c <> 0 OR g.e <> 0 OR g.us <> 0
-          ON CONFLICT (hour) DO UPDATE SET
-              requested = h.requested + EXCLUDED.requested,
-              complete = h.complete + EXCLUDED.complete,
-              error = h.error + EXCLUDED.error,
-              complete_span_us = h.complete_span_us + EXCLUDED.complete_span_us"
-    };
-}
-
-/// As [`task_hourly`] for `tasker_step_hourly` and the statement that updates
-/// steps, from `new` alone (the updated steps' status, completed_at, duration_ms
-/// and the status the batch set, NULL when it set none): a step counts once, when
-/// the batch makes it complete (steps the batch creates: [`StepHours`]).
-/// Complete is terminal (no event changes a complete step) and a step's row is
-/// inserted once (`task.accepted` once per task), so nothing is ever subtracted
-/// and no row is looked up as it was; the property test compares the summaries
-/// with a recomputation after every checkpoint.
-macro_rules! step_hourly {
-    () => {
-        " INSERT INTO tasker_step_hourly AS h (hour, complete, timed, duration_ms)
-          SELECT date_trunc('hour', n.completed_at, 'UTC'), count(*), count(n.duration_ms),
-                 COALESCE(sum(n.duration_ms), 0)
-          FROM new n
-          WHERE n.set_status = 'complete' AND n.status = 'complete' AND n.completed_at IS NOT NULL
-          GROUP BY 1
-          ON CONFLICT (hour) DO UPDATE SET
-              complete = h.complete + EXCLUDED.complete,
-              timed = h.timed + EXCLUDED.timed,
-              duration_ms = h.duration_ms + EXCLUDED.duration_ms"
-    };
-}
-
 /// The read model in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -205,8 +150,13 @@ impl PgStore {
     }
 }
 
+/// Writes the batch's rows, and the analytics summaries' change once at the end:
+/// rows the batch creates are summed here (the batch knows them whole), updated
+/// rows' changes come back from their update statements.
 async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(), StoreError> {
     let partition = b.partition.0 as i32;
+    let mut task_hours = TaskHours::default();
+    let mut step_hours = StepHours::default();
     if !b.namespaces.is_empty() {
         let (names, ats): (Vec<String>, Vec<i64>) = b
             .namespaces
@@ -330,11 +280,9 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(),
         .bind(init.iter().map(|i| ms(i.updated_at)).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
-        let mut hours = TaskHours::default();
         for (r, i) in t.iter().zip(&init) {
-            hours.add(r.requested_at, i.status, i.completed_at);
+            task_hours.add(r.requested_at, i.status, i.completed_at);
         }
-        hours.write(tx).await?;
     }
     if !b.new_steps.is_empty() {
         // Inserted as the batch leaves them (their patches are not applied again).
@@ -414,11 +362,9 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(),
         .bind(init.iter().map(|i| ms(i.updated_at)).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
-        let mut hours = StepHours::default();
         for i in &init {
-            hours.add(i.status, i.completed_at, i.duration_ms);
+            step_hours.add(i.status, i.completed_at, i.duration_ms);
         }
-        hours.write(tx).await?;
     }
     if !b.edges.is_empty() {
         sqlx::query(
@@ -433,8 +379,10 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, b: &Batch) -> Result<(),
         .await?;
     }
     write_transitions(tx, b, partition).await?;
-    write_task_patches(tx, b).await?;
-    write_step_patches(tx, b).await?;
+    write_task_patches(tx, b, &mut task_hours).await?;
+    write_step_patches(tx, b, &mut step_hours).await?;
+    task_hours.write(tx).await?;
+    step_hours.write(tx).await?;
     Ok(())
 }
 
@@ -446,33 +394,40 @@ fn hour_of(t: tasker_engine::record::Timestamp) -> i64 {
     m - m.rem_euclid(HOUR_MS)
 }
 
-/// `tasker_task_hourly` contributions of the tasks a batch creates, per hour:
+/// A batch's change to `tasker_task_hourly` (migration 0005), per hour:
 /// requested, complete, error, complete span (µs).
 #[derive(Default)]
 struct TaskHours(std::collections::BTreeMap<i64, [i64; 4]>);
 
 impl TaskHours {
+    fn merge(&mut self, hour: i64, delta: [i64; 4]) {
+        let h = self.0.entry(hour).or_default();
+        for (a, d) in h.iter_mut().zip(delta) {
+            *a += d;
+        }
+    }
+
     fn add(
         &mut self,
         requested_at: tasker_engine::record::Timestamp,
         status: &str,
         completed_at: Option<tasker_engine::record::Timestamp>,
     ) {
-        let h = self.0.entry(hour_of(requested_at)).or_default();
-        h[0] += 1;
-        match status {
+        let delta = match status {
             "complete" => {
-                h[1] += 1;
-                if let Some(c) = completed_at {
-                    h[3] += (ms(c) - ms(requested_at)) * 1_000;
-                }
+                let span_us = completed_at.map_or(0, |c| (ms(c) - ms(requested_at)) * 1_000);
+                [1, 1, 0, span_us]
             }
-            "error" => h[2] += 1,
-            _ => {}
-        }
+            "error" => [1, 0, 1, 0],
+            _ => [1, 0, 0, 0],
+        };
+        self.merge(hour_of(requested_at), delta);
     }
 
     async fn write(self, tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
         let (hours, v): (Vec<i64>, Vec<[i64; 4]>) = self.0.into_iter().unzip();
         sqlx::query(
             "INSERT INTO tasker_task_hourly AS h (hour, requested, complete, error, complete_span_us)
@@ -496,12 +451,19 @@ impl TaskHours {
     }
 }
 
-/// `tasker_step_hourly` contributions of the steps a batch creates (complete
-/// ones, by completed_at hour): complete, timed, duration sum.
+/// A batch's change to `tasker_step_hourly`: complete steps per hour of
+/// completed_at, how many have a duration, the durations' sum.
 #[derive(Default)]
 struct StepHours(std::collections::BTreeMap<i64, [i64; 3]>);
 
 impl StepHours {
+    fn merge(&mut self, hour: i64, delta: [i64; 3]) {
+        let h = self.0.entry(hour).or_default();
+        for (a, d) in h.iter_mut().zip(delta) {
+            *a += d;
+        }
+    }
+
     fn add(
         &mut self,
         status: &str,
@@ -511,12 +473,8 @@ impl StepHours {
         let (Some(at), "complete") = (completed_at, status) else {
             return;
         };
-        let h = self.0.entry(hour_of(at)).or_default();
-        h[0] += 1;
-        if let Some(d) = duration_ms {
-            h[1] += 1;
-            h[2] += d;
-        }
+        let timed = i64::from(duration_ms.is_some());
+        self.merge(hour_of(at), [1, timed, duration_ms.unwrap_or(0)]);
     }
 
     async fn write(self, tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
@@ -716,6 +674,7 @@ pub(crate) fn last_per_entity<K: Ord + Copy>(keys: impl Iterator<Item = K> + Clo
 async fn write_task_patches(
     tx: &mut Transaction<'_, Postgres>,
     b: &Batch,
+    hours: &mut TaskHours,
 ) -> Result<(), StoreError> {
     if b.task_patches.is_empty() {
         return Ok(());
@@ -745,7 +704,13 @@ async fn write_task_patches(
     if ids.is_empty() {
         return Ok(());
     }
-    sqlx::query(concat!(
+    // Returns the updated tasks' change to `tasker_task_hourly`, per hour: `old`
+    // holds them as they were, `new` as they are (a task can leave `error`).
+    // `old` looks each key up in a `LATERAL (... OFFSET 0)`: a primary-key probe
+    // per row whatever the statistics say (after `reset` they say the tables are
+    // empty, and a plain join became a nested loop rescanning the keys for every
+    // row: 30 s batches).
+    let deltas = sqlx::query(
         "WITH old AS (SELECT o.* FROM UNNEST($1::uuid[]) AS k(task_id) CROSS JOIN LATERAL (
                           SELECT o.status, o.requested_at, o.completed_at FROM tasker_tasks o
                           WHERE o.task_id = k.task_id OFFSET 0) o),
@@ -758,9 +723,21 @@ async fn write_task_patches(
          FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::int8[], $5::bool[], $6::int8[], $7::int8[])
               AS u(task_id, status, set_started, started, set_completed, completed, updated)
          WHERE t.task_id = u.task_id
-         RETURNING t.status, t.requested_at, t.completed_at)",
-        task_hourly!()
-    ))
+         RETURNING t.status, t.requested_at, t.completed_at)
+         SELECT * FROM (
+             SELECT (EXTRACT(EPOCH FROM date_trunc('hour', d.requested_at, 'UTC')) * 1000)::int8 AS hour,
+                    sum(d.sign)::int8 AS n,
+                    sum(d.sign * (d.status = 'complete')::int)::int8 AS c,
+                    sum(d.sign * (d.status = 'error')::int)::int8 AS e,
+                    COALESCE(sum(d.sign * (EXTRACT(EPOCH FROM d.completed_at - d.requested_at) * 1000000)::int8)
+                             FILTER (WHERE d.status = 'complete'), 0)::int8 AS us
+             FROM (SELECT 1 AS sign, n.status, n.requested_at, n.completed_at FROM new n
+                   UNION ALL
+                   SELECT -1, o.status, o.requested_at, o.completed_at FROM old o) d
+             GROUP BY 1
+         ) g
+         WHERE g.n <> 0 OR g.c <> 0 OR g.e <> 0 OR g.us <> 0",
+    )
     .bind(ids)
     .bind(status)
     .bind(set_started)
@@ -768,14 +745,26 @@ async fn write_task_patches(
     .bind(set_completed)
     .bind(completed)
     .bind(updated)
-    .execute(&mut **tx)
+    .fetch_all(&mut **tx)
     .await?;
+    for r in deltas {
+        hours.merge(
+            r.try_get("hour")?,
+            [
+                r.try_get("n")?,
+                r.try_get("c")?,
+                r.try_get("e")?,
+                r.try_get("us")?,
+            ],
+        );
+    }
     Ok(())
 }
 
 async fn write_step_patches(
     tx: &mut Transaction<'_, Postgres>,
     b: &Batch,
+    hours: &mut StepHours,
 ) -> Result<(), StoreError> {
     if b.step_patches.is_empty() {
         return Ok(());
@@ -852,7 +841,10 @@ async fn write_step_patches(
         s_error,
     ] = c.set;
     let [t_att, t_fail, t_retry, t_start, t_done] = c.ts;
-    sqlx::query(concat!(
+    // Returns the steps this update made complete, per hour of completed_at.
+    // Complete is terminal (no event changes a complete step), so nothing is
+    // subtracted and no row is read as it was.
+    let deltas = sqlx::query(
         "WITH new AS (
          UPDATE tasker_workflow_steps s SET
              status = COALESCE(u.status, s.status),
@@ -880,9 +872,13 @@ async fn write_step_patches(
                    s_start, t_start, s_done, t_done, s_backoff, backoff, s_results, results,
                    s_error, error, dmode, dval, updated)
          WHERE s.task_id = u.task_id AND s.step_index = u.step
-         RETURNING s.status, s.completed_at, s.duration_ms, u.status AS set_status)",
-        step_hourly!()
-    ))
+         RETURNING s.status, s.completed_at, s.duration_ms, u.status AS set_status)
+         SELECT (EXTRACT(EPOCH FROM date_trunc('hour', n.completed_at, 'UTC')) * 1000)::int8 AS hour,
+                count(*) AS n, count(n.duration_ms) AS t, COALESCE(sum(n.duration_ms), 0)::int8 AS ms
+         FROM new n
+         WHERE n.set_status = 'complete' AND n.status = 'complete' AND n.completed_at IS NOT NULL
+         GROUP BY 1",
+    )
     .bind(c.ids)
     .bind(c.steps)
     .bind(c.status)
@@ -906,7 +902,13 @@ async fn write_step_patches(
     .bind(c.duration_mode)
     .bind(c.duration)
     .bind(c.updated)
-    .execute(&mut **tx)
+    .fetch_all(&mut **tx)
     .await?;
+    for r in deltas {
+        hours.merge(
+            r.try_get("hour")?,
+            [r.try_get("n")?, r.try_get("t")?, r.try_get("ms")?],
+        );
+    }
     Ok(())
 }
