@@ -228,12 +228,8 @@ fn sample(engine: &Engine, rng: &mut Rng, ids: &[TaskId], partitions: u32, s: &m
         let Some(view) = engine.view(engine.partition_of(id)) else {
             continue;
         };
-        if let Some(task) = view.task(&id) {
-            s.tasks.push(TaskSample {
-                id,
-                position: view.read_position,
-                task: Arc::clone(task),
-            });
+        if let Some((position, task)) = view.task_at(&id) {
+            s.tasks.push(TaskSample { id, position, task });
         }
     }
 }

@@ -232,13 +232,9 @@ fn json_commands_from_a_foreign_client_run_and_garbage_does_not_stall() {
     let anon_task = loop {
         let found = (0..2).find_map(|p| {
             engine.view(PartitionId(p)).and_then(|v| {
-                v.tasks
-                    .values()
-                    .find(|t| {
-                        t.request.idempotency_key.as_deref() == Some("ext-1")
-                            && t.status.is_terminal()
-                    })
-                    .cloned()
+                v.tasks().find(|t| {
+                    t.request.idempotency_key.as_deref() == Some("ext-1") && t.status.is_terminal()
+                })
             })
         });
         if let Some(t) = found {

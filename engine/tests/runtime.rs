@@ -175,6 +175,14 @@ fn diamonds_complete_exactly_once(h: Harness) {
             SubmitOutcome::Accepted { .. } => {}
             other => panic!("not accepted: {other:?}"),
         }
+        // Read your writes: the view has the task once the answer is out.
+        let id = *ids.last().unwrap();
+        let (position, task) = engine
+            .view(engine.partition_of(id))
+            .and_then(|v| v.task_at(&id))
+            .unwrap_or_else(|| panic!("task {id} answered but not in the view"));
+        assert_eq!(task.id, id);
+        assert!(position > Position(0));
     }
     wait_terminal(&engine, &ids, Duration::from_secs(30));
     for id in &ids {

@@ -92,7 +92,7 @@ fn partition_health(state: &AppState) -> Vec<PartitionHealth> {
                 partition: p.0,
                 status: status.into(),
                 error,
-                tasks_in_memory: state.engine.view(p).map(|v| v.tasks.len()).unwrap_or(0),
+                tasks_in_memory: state.engine.view(p).map(|v| v.task_count()).unwrap_or(0),
             }
         })
         .collect()

@@ -608,10 +608,10 @@ impl AppState {
             }
         }
         for view in &views {
-            for (id, task) in view.tasks.iter() {
-                memory_ids.insert(*id);
-                if matches(task) {
-                    in_memory.push(Arc::clone(task));
+            for task in view.tasks() {
+                memory_ids.insert(task.id);
+                if matches(&task) {
+                    in_memory.push(task);
                 }
             }
         }

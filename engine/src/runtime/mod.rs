@@ -424,8 +424,7 @@ impl Engine {
 
     /// A task as its processor last published it (if still in memory).
     pub fn task(&self, id: TaskId) -> Option<Arc<TaskState>> {
-        self.view(self.partition_of(id))
-            .and_then(|v| v.task(&id).cloned())
+        self.view(self.partition_of(id)).and_then(|v| v.task(&id))
     }
 
     pub fn status(&self, partition: PartitionId) -> Option<PartitionStatus> {

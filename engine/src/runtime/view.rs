@@ -1,8 +1,19 @@
-//! What readers (HTTP, CLI) see of a partition: an immutable snapshot the processor
-//! publishes after every round through `arc-swap`. Readers never touch the
-//! processor's state and never wait for it.
+//! What readers (HTTP, CLI) see of a partition. The processor publishes a small
+//! header through `arc-swap` after every round and writes the tasks a round
+//! changed into a concurrent table it shares with readers. Readers never touch the
+//! processor's state and never wait for it (a table shard is locked only for one
+//! insert or one read).
+//!
+//! The table is updated in place rather than republished as a persistent map:
+//! publishing a persistent map every round copies the path to every changed task
+//! (the map is shared with the previous view), which cost ~13 % of the CPU at
+//! half the peak rate. Each entry carries the position its state is exact at, so
+//! a reader that needs a task at a known position (audit) has it.
 
 use std::sync::Arc;
+
+use dashmap::DashMap;
+use rustc_hash::FxBuildHasher;
 
 use crate::record::{Epoch, PartitionId, Position, TaskId};
 use crate::state::TaskState;
@@ -16,10 +27,11 @@ pub struct PartitionView {
     /// The position after this processor's last append.
     pub appended: Position,
     pub epoch: Epoch,
-    /// Tasks in memory (finished tasks leave after the retention window).
-    pub tasks: imbl::HashMap<TaskId, Arc<TaskState>>,
     /// True once recovery finished and the processor takes new work.
     pub live: bool,
+    /// Tasks in memory (finished tasks leave after the retention window), at
+    /// least as new as `read_position`.
+    tasks: Arc<TaskTable>,
 }
 
 impl PartitionView {
@@ -29,12 +41,70 @@ impl PartitionView {
             read_position: Position(0),
             appended: Position(0),
             epoch: Epoch(0),
-            tasks: imbl::HashMap::new(),
             live: false,
+            tasks: Arc::default(),
         }
     }
 
-    pub fn task(&self, id: &TaskId) -> Option<&Arc<TaskState>> {
-        self.tasks.get(id)
+    pub(crate) fn new(
+        partition: PartitionId,
+        read_position: Position,
+        appended: Position,
+        epoch: Epoch,
+        live: bool,
+        tasks: Arc<TaskTable>,
+    ) -> Self {
+        PartitionView {
+            partition,
+            read_position,
+            appended,
+            epoch,
+            live,
+            tasks,
+        }
+    }
+
+    /// The task as its processor last released it.
+    pub fn task(&self, id: &TaskId) -> Option<Arc<TaskState>> {
+        self.tasks.0.get(id).map(|e| Arc::clone(&e.task))
+    }
+
+    /// The task and the position it is exact at: the fold of the records before
+    /// that position.
+    pub fn task_at(&self, id: &TaskId) -> Option<(Position, Arc<TaskState>)> {
+        self.tasks
+            .0
+            .get(id)
+            .map(|e| (e.position, Arc::clone(&e.task)))
+    }
+
+    /// How many tasks are in memory.
+    pub fn task_count(&self) -> usize {
+        self.tasks.0.len()
+    }
+
+    /// Every task in memory (each as of its own last change).
+    pub fn tasks(&self) -> impl Iterator<Item = Arc<TaskState>> + '_ {
+        self.tasks.0.iter().map(|e| Arc::clone(&e.task))
+    }
+}
+
+/// The tasks of one partition; the processor is the only writer.
+#[derive(Debug, Default)]
+pub(crate) struct TaskTable(DashMap<TaskId, Entry, FxBuildHasher>);
+
+#[derive(Debug)]
+struct Entry {
+    position: Position,
+    task: Arc<TaskState>,
+}
+
+impl TaskTable {
+    pub(crate) fn insert(&self, id: TaskId, position: Position, task: Arc<TaskState>) {
+        self.0.insert(id, Entry { position, task });
+    }
+
+    pub(crate) fn remove(&self, id: &TaskId) {
+        self.0.remove(id);
     }
 }

@@ -185,16 +185,6 @@ impl Processor {
     /// Releases a durable batch's side effects. The view goes first, so a client
     /// that gets its answer also sees its effect.
     pub(super) fn release(&mut self, commit: Commit) {
-        for (id, view) in commit.views {
-            match view {
-                Some(t) => {
-                    self.view_tasks.insert(id, t);
-                }
-                None => {
-                    self.view_tasks.remove(&id);
-                }
-            }
-        }
         // Exclusive writers run ahead of durability: the view describes the log up
         // to this batch's end, not up to what is appended after it.
         let position = if self.exclusive {
@@ -202,6 +192,18 @@ impl Processor {
         } else {
             self.read_pos
         };
+        for (id, view) in commit.views {
+            match view {
+                Some(t) => {
+                    self.table.insert(id, position, Arc::clone(&t));
+                    self.snapshot_tasks.insert(id, t);
+                }
+                None => {
+                    self.table.remove(&id);
+                    self.snapshot_tasks.remove(&id);
+                }
+            }
+        }
         self.publish_at(position, true);
         for (pos, outcome) in commit.replies {
             if let Some(reply) = self.waiting.remove(&pos) {

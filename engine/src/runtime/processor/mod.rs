@@ -24,7 +24,7 @@ use super::ids::derive_task_id;
 use super::metrics::Metrics;
 use super::snapshot::{SnapshotFile, SnapshotStore};
 use super::timers::Timers;
-use super::view::PartitionView;
+use super::view::{PartitionView, TaskTable};
 use super::{DigestReport, EngineOptions, Inbox, SubmitError, SubmitOutcome, TaskObserver};
 use crate::codec::{self, JsonFallback};
 use crate::decide::{Input, Rejection, Resolution, decide};
@@ -111,7 +111,11 @@ pub(crate) struct Processor {
     jobs: Option<Steps>,
     timers: Timers,
     view: Arc<ArcSwap<PartitionView>>,
-    view_tasks: imbl::HashMap<TaskId, Arc<crate::state::TaskState>>,
+    /// The tasks readers see, updated in place as batches are released.
+    table: Arc<TaskTable>,
+    /// The same tasks as a persistent map, for snapshots: taking it is O(1), and
+    /// since only a snapshot being written shares it, updates are in place.
+    snapshot_tasks: imbl::HashMap<TaskId, Arc<crate::state::TaskState>>,
     snapshots: Option<SnapshotStore>,
     snapshot_job: Option<std::thread::JoinHandle<()>>,
     events_since_snapshot: u64,

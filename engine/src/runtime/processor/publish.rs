@@ -12,14 +12,14 @@ impl Processor {
         self.metrics
             .tasks_in_memory
             .set(self.state.task_count() as i64);
-        self.view.store(Arc::new(PartitionView {
-            partition: self.partition,
-            read_position: position,
-            appended: self.appended_end,
-            epoch: self.epoch,
-            tasks: self.view_tasks.clone(),
+        self.view.store(Arc::new(PartitionView::new(
+            self.partition,
+            position,
+            self.appended_end,
+            self.epoch,
             live,
-        }));
+            Arc::clone(&self.table),
+        )));
     }
 
     pub(super) fn snapshot_due(&self) -> bool {
@@ -66,14 +66,14 @@ impl Processor {
             Err(e) => tracing::error!(%partition, error = %e, "snapshot failed; will retry"),
         };
         let meta = self.state.snapshot_meta();
-        if !wait && self.view_tasks.len() != self.state.task_count() {
+        if !wait && self.snapshot_tasks.len() != self.state.task_count() {
             tracing::warn!(
-                view = self.view_tasks.len(),
+                view = self.snapshot_tasks.len(),
                 state = self.state.task_count(),
                 "view and state disagree; snapshotting in line"
             );
         }
-        if wait || self.view_tasks.len() != self.state.task_count() {
+        if wait || self.snapshot_tasks.len() != self.state.task_count() {
             write(SnapshotFile {
                 partition,
                 position,
@@ -82,7 +82,7 @@ impl Processor {
                 state: self.state.to_snapshot(),
             });
         } else {
-            let tasks = self.view_tasks.clone();
+            let tasks = self.snapshot_tasks.clone();
             let job = std::thread::Builder::new()
                 .name(format!("tasker-snap{}", partition.0))
                 .spawn(move || {
