@@ -185,6 +185,12 @@ fn diamonds_complete_exactly_once(h: Harness) {
         assert!(position > Position(0));
     }
     wait_terminal(&engine, &ids, Duration::from_secs(30));
+    // The engine-wide gauge is the sum over partitions (all kept: retention).
+    let in_views: usize = (0..2)
+        .map(|p| engine.view(PartitionId(p)).unwrap().task_count())
+        .sum();
+    assert_eq!(in_views, ids.len());
+    assert_eq!(engine.metrics().tasks_in_memory.get(), ids.len() as i64);
     for id in &ids {
         let t = engine.task(*id).unwrap();
         assert_eq!(t.status, TaskStatus::Complete);

@@ -2,8 +2,8 @@
 //! processors and the executor and rendered for `/metrics` by the binary.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use hdrhistogram::Histogram;
 
@@ -36,6 +36,39 @@ impl Gauge {
     }
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One processor's part of an engine-wide gauge (tasks in memory, inbox depth):
+/// each processor moves the total by its own change, and a processor that stops
+/// takes its part back out. (Setting a shared gauge from every partition showed
+/// whichever partition wrote last.)
+pub(crate) struct GaugePart {
+    metrics: Arc<Metrics>,
+    gauge: fn(&Metrics) -> &Gauge,
+    value: i64,
+}
+
+impl GaugePart {
+    pub(crate) fn new(metrics: Arc<Metrics>, gauge: fn(&Metrics) -> &Gauge) -> Self {
+        GaugePart {
+            metrics,
+            gauge,
+            value: 0,
+        }
+    }
+
+    pub(crate) fn set(&mut self, value: i64) {
+        if value != self.value {
+            (self.gauge)(&self.metrics).add(value - self.value);
+            self.value = value;
+        }
+    }
+}
+
+impl Drop for GaugePart {
+    fn drop(&mut self) {
+        self.set(0);
     }
 }
 

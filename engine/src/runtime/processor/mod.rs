@@ -21,7 +21,7 @@ use super::commit::{Commit, WriterThread};
 use super::encode::to_record;
 use super::executor::{Job, Steps};
 use super::ids::derive_task_id;
-use super::metrics::Metrics;
+use super::metrics::{GaugePart, Metrics};
 use super::snapshot::{SnapshotFile, SnapshotStore};
 use super::timers::Timers;
 use super::view::{PartitionView, TaskTable};
@@ -121,6 +121,9 @@ pub(crate) struct Processor {
     events_since_snapshot: u64,
     last_snapshot: Instant,
     metrics: Arc<Metrics>,
+    /// This partition's parts of the engine's tasks-in-memory and inbox gauges.
+    tasks_gauge: GaugePart,
+    inbox_gauge: GaugePart,
     observer: Option<TaskObserver>,
     waiting: FxHashMap<Position, Reply>,
     digest_waiters: Vec<oneshot::Sender<DigestReport>>,
@@ -184,7 +187,7 @@ impl Processor {
             self.flush()?;
             self.maybe_snapshot();
             self.answer_digests();
-            self.metrics.processor_inbox.set(self.inbox.len() as i64);
+            self.inbox_gauge.set(self.inbox.len() as i64);
             if self.shutting_down && self.settled() {
                 self.snapshot(true);
                 return Ok(());

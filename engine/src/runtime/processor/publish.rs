@@ -9,9 +9,7 @@ impl Processor {
 
     /// Publishes the view as the fold of the records before `position`.
     pub(super) fn publish_at(&mut self, position: Position, live: bool) {
-        self.metrics
-            .tasks_in_memory
-            .set(self.state.task_count() as i64);
+        self.tasks_gauge.set(self.state.task_count() as i64);
         self.view.store(Arc::new(PartitionView::new(
             self.partition,
             position,

@@ -67,6 +67,8 @@ impl Processor {
             snapshot_job: None,
             events_since_snapshot: 0,
             last_snapshot: Instant::now(),
+            tasks_gauge: GaugePart::new(Arc::clone(&metrics), |m| &m.tasks_in_memory),
+            inbox_gauge: GaugePart::new(Arc::clone(&metrics), |m| &m.processor_inbox),
             metrics,
             observer,
             waiting: FxHashMap::default(),
