@@ -130,6 +130,9 @@ fn generate(target: usize) -> (EncodedLog, State) {
             for event in events {
                 append(&mut state, &mut log, event_env(id, correlation, now, event));
             }
+            for event in start_ready(&state, id, Timestamp(now)) {
+                append(&mut state, &mut log, event_env(id, correlation, now, event));
+            }
             flight.push((id, correlation, 0));
             continue;
         }
@@ -155,8 +158,33 @@ fn generate(target: usize) -> (EncodedLog, State) {
         for event in events {
             append(&mut state, &mut log, event_env(id, correlation, now, event));
         }
+        for event in start_ready(&state, id, Timestamp(now)) {
+            append(&mut state, &mut log, event_env(id, correlation, now, event));
+        }
     }
     (log, state)
+}
+
+/// Starts the steps of `task` that are ready, as the processor does when it has
+/// capacity (`decide` never starts steps by itself). Each start is decided on the
+/// state before the others' events apply, which is fine: starts are independent.
+fn start_ready(state: &State, task: TaskId, now: Timestamp) -> Vec<tasker_engine::record::Event> {
+    let pending: Vec<StepId> = state
+        .task(&task)
+        .map(|t| {
+            t.steps
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.status == tasker_engine::state::StepStatus::Pending)
+                .map(|(i, _)| StepId(i as u32))
+                .collect()
+        })
+        .unwrap_or_default();
+    pending
+        .into_iter()
+        .filter_map(|step| decide(state, Input::StartStep { task, step }, now).ok())
+        .flatten()
+        .collect()
 }
 
 fn event_env(
@@ -286,9 +314,10 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
     println!(
-        "live state: {} tasks in memory, {} evicted",
+        "live state: {} tasks in memory, {} evicted, digest {}",
         live.task_count(),
-        live.stats().evicted
+        live.stats().evicted,
+        live.digest()
     );
 
     if profile {
@@ -333,5 +362,58 @@ fn main() {
     println!();
     decode_by_type(&log);
     println!();
+    snapshot_writes(&live);
+    println!();
     println!("target: decode + apply >= 2,000,000 events/s on one core");
+}
+
+/// A snapshot of the live state written in line, as at shutdown: digest, image,
+/// encode, write, fsync (the background snapshot does the same off the processor).
+fn snapshot_writes(live: &State) {
+    use tasker_engine::record::PartitionId;
+    use tasker_engine::runtime::snapshot::SnapshotStore;
+    use tasker_engine::state::HashChain;
+    let dir = tempfile::TempDir::new().unwrap();
+    let store = SnapshotStore::new(dir.path());
+    let mut times = Vec::new();
+    for rep in 0..REPETITIONS {
+        let t = Instant::now();
+        let path = store
+            .write_state(
+                PartitionId(0),
+                Position(rep as u64 + 1),
+                HashChain::genesis(PartitionId(0)),
+                live,
+            )
+            .unwrap();
+        times.push(t.elapsed());
+        let bytes = std::fs::metadata(path).unwrap().len();
+        println!(
+            "snapshot {rep}: {} tasks, {:.1} MiB in {:.1} ms",
+            live.task_count(),
+            bytes as f64 / (1 << 20) as f64,
+            times[rep].as_secs_f64() * 1e3
+        );
+    }
+    let t = Instant::now();
+    let digest = live.digest();
+    let d = t.elapsed();
+    let t = Instant::now();
+    let image = live.to_snapshot();
+    let i = t.elapsed();
+    let t = Instant::now();
+    let bytes = codec::canonical_bytes(&(digest, image)).unwrap();
+    println!(
+        "  of which: digest {:.1} ms, image {:.1} ms, encode {:.1} ms ({} bytes)",
+        d.as_secs_f64() * 1e3,
+        i.as_secs_f64() * 1e3,
+        t.elapsed().as_secs_f64() * 1e3,
+        bytes.len()
+    );
+    times.sort();
+    println!(
+        "snapshot write: median {:.1} ms, best {:.1} ms",
+        times[times.len() / 2].as_secs_f64() * 1e3,
+        times[0].as_secs_f64() * 1e3
+    );
 }

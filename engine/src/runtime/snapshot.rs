@@ -95,18 +95,23 @@ impl SnapshotStore {
             path: dir.clone(),
             reason: e.to_string(),
         })?;
-        let mut bytes = Vec::with_capacity(HEADER + payload.len());
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&VERSION.to_le_bytes());
-        bytes.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&payload);
+        let mut header = Vec::with_capacity(HEADER);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&VERSION.to_le_bytes());
+        header.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         let path = dir.join(format!("{:020}.snap", position.0));
         let tmp = path.with_extension("snap.tmp");
-        fs::write(&tmp, &bytes).map_err(io("write", &tmp))?;
-        fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io("sync", &tmp))?;
+        // Header and payload written apart: no second buffer the size of the
+        // payload (tens to hundreds of megabytes for a large state).
+        fs::File::create(&tmp)
+            .and_then(|mut f| {
+                use std::io::Write;
+                f.write_all(&header)?;
+                f.write_all(&payload)?;
+                f.sync_all()
+            })
+            .map_err(io("write and sync", &tmp))?;
         fs::rename(&tmp, &path).map_err(io("rename", &path))?;
         fs::File::open(&dir)
             .and_then(|d| d.sync_all())

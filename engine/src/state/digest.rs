@@ -74,25 +74,49 @@ pub(crate) fn finish(tasks: DigestSum, epoch: Epoch, answered: Option<Position>)
     Digest(*h.finalize().as_bytes())
 }
 
-/// Hashes one task's canonical state.
+/// Hashes one task's canonical state. The fields are laid out in one buffer and
+/// hashed in one call: BLAKE3 of the concatenation is the same as feeding the
+/// pieces one by one, and a snapshot's digest (every task in memory) took ~2.7 µs
+/// per task in ~60 small `update` calls.
 pub(crate) fn task_hash(task: &TaskState, template_hash: &[u8; 32]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    h.update(task.id.as_bytes());
-    h.update(task.correlation_id.as_uuid().as_bytes());
-    h.update(&[task.status.code()]);
-    h.update(template_hash);
-    request_hash(&mut h, &task.request);
-    put_ts(&mut h, Some(task.accepted_at));
-    put_ts(&mut h, task.started_at);
-    put_ts(&mut h, task.finished_at);
-    h.update(&(task.steps.len() as u64).to_le_bytes());
-    for step in &task.steps {
-        step_hash(&mut h, step);
-    }
-    *h.finalize().as_bytes()
+    let mut buf = Vec::with_capacity(256 + task.request.context.as_str().len());
+    put_task(&mut buf, task, template_hash);
+    *blake3::hash(&buf).as_bytes()
 }
 
-fn request_hash(h: &mut blake3::Hasher, r: &RequestTask) {
+/// Where a task's canonical bytes go.
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+impl Sink for blake3::Hasher {
+    fn put(&mut self, bytes: &[u8]) {
+        self.update(bytes);
+    }
+}
+
+fn put_task(h: &mut impl Sink, task: &TaskState, template_hash: &[u8; 32]) {
+    h.put(task.id.as_bytes());
+    h.put(task.correlation_id.as_uuid().as_bytes());
+    h.put(&[task.status.code()]);
+    h.put(template_hash);
+    put_request(h, &task.request);
+    put_ts(h, Some(task.accepted_at));
+    put_ts(h, task.started_at);
+    put_ts(h, task.finished_at);
+    h.put(&(task.steps.len() as u64).to_le_bytes());
+    for step in &task.steps {
+        put_step(h, step);
+    }
+}
+
+fn put_request(h: &mut impl Sink, r: &RequestTask) {
     put_str(h, &r.namespace);
     put_str(h, &r.name);
     put_opt_str(h, r.version.as_deref());
@@ -101,26 +125,24 @@ fn request_hash(h: &mut blake3::Hasher, r: &RequestTask) {
     put_opt_str(h, r.initiator.as_deref());
     put_opt_str(h, r.source_system.as_deref());
     put_opt_str(h, r.reason.as_deref());
-    h.update(&(r.tags.len() as u64).to_le_bytes());
+    h.put(&(r.tags.len() as u64).to_le_bytes());
     for t in &r.tags {
         put_str(h, t);
     }
 }
 
-fn step_hash(h: &mut blake3::Hasher, s: &StepState) {
-    h.update(&[s.status.code()]);
-    h.update(&s.attempts.to_le_bytes());
+fn put_step(h: &mut impl Sink, s: &StepState) {
+    h.put(&[s.status.code()]);
+    h.put(&s.attempts.to_le_bytes());
     put_ts(h, s.retry_at);
     put_ts(h, s.last_failure_at);
     put_ts(h, s.started_at);
     put_ts(h, s.finished_at);
     put_opt_str(h, s.result.as_ref().map(|r| r.as_str()));
     match &s.last_error {
-        None => {
-            h.update(&[0]);
-        }
+        None => h.put(&[0]),
         Some(e) => {
-            h.update(&[1]);
+            h.put(&[1]);
             put_str(h, e.kind.as_str());
             put_str(h, &e.message);
             put_opt_u64(h, e.retry_after_ms);
@@ -128,35 +150,31 @@ fn step_hash(h: &mut blake3::Hasher, s: &StepState) {
     }
 }
 
-fn put_str(h: &mut blake3::Hasher, s: &str) {
-    h.update(&(s.len() as u64).to_le_bytes());
-    h.update(s.as_bytes());
+fn put_str(h: &mut impl Sink, s: &str) {
+    h.put(&(s.len() as u64).to_le_bytes());
+    h.put(s.as_bytes());
 }
 
-fn put_opt_str(h: &mut blake3::Hasher, s: Option<&str>) {
+fn put_opt_str(h: &mut impl Sink, s: Option<&str>) {
     match s {
-        None => {
-            h.update(&[0]);
-        }
+        None => h.put(&[0]),
         Some(s) => {
-            h.update(&[1]);
+            h.put(&[1]);
             put_str(h, s);
         }
     }
 }
 
-fn put_opt_u64(h: &mut blake3::Hasher, v: Option<u64>) {
+fn put_opt_u64(h: &mut impl Sink, v: Option<u64>) {
     match v {
-        None => {
-            h.update(&[0]);
-        }
+        None => h.put(&[0]),
         Some(v) => {
-            h.update(&[1]);
-            h.update(&v.to_le_bytes());
+            h.put(&[1]);
+            h.put(&v.to_le_bytes());
         }
     }
 }
 
-fn put_ts(h: &mut blake3::Hasher, t: Option<Timestamp>) {
+fn put_ts(h: &mut impl Sink, t: Option<Timestamp>) {
     put_opt_u64(h, t.map(Timestamp::as_millis));
 }
