@@ -27,7 +27,8 @@ use tasker_engine::record::{
     TemplateSnapshot, Timestamp,
 };
 use tasker_engine::state::{
-    Applied, DEFAULT_RETENTION_MS, Dag, Digest, HashChain, State, StepStatus, TaskStatus,
+    Applied, DEFAULT_RETENTION_MS, Dag, Digest, HashChain, State, StepStatus, TaskHashCache,
+    TaskStatus,
 };
 
 const START_MS: u64 = 1_700_000_000_000;
@@ -493,6 +494,8 @@ struct Sim<'a> {
     chain: HashChain,
     /// (records in the log, live digest then): replays must agree at each.
     checkpoints: Vec<(usize, Digest)>,
+    /// Carried from checkpoint to checkpoint, as snapshots carry it.
+    hash_cache: TaskHashCache,
     /// Every task requested, in order, with its correlation id.
     tasks: Vec<(TaskId, CorrelationId)>,
     failures: u32,
@@ -528,6 +531,7 @@ impl<'a> Sim<'a> {
             heads: Vec::new(),
             chain: HashChain::genesis(PartitionId(0)),
             checkpoints: Vec::new(),
+            hash_cache: TaskHashCache::default(),
             tasks: Vec::new(),
             failures: 0,
             cut: false,
@@ -1255,7 +1259,21 @@ impl<'a> Sim<'a> {
     }
 
     fn checkpoint(&mut self) {
-        self.checkpoints.push((self.log.len(), self.state.digest()));
+        let digest = self.state.digest();
+        // A snapshot's digest reuses the hashes of tasks unchanged since the last
+        // one; it must equal the digest computed from scratch.
+        let cached = self
+            .state
+            .snapshot_meta()
+            .digest_cached(self.state.tasks_shared(), &mut self.hash_cache);
+        assert_eq!(
+            cached,
+            digest,
+            "cached snapshot digest at {}",
+            self.log.len()
+        );
+        assert_eq!(self.hash_cache.len(), self.state.task_count());
+        self.checkpoints.push((self.log.len(), digest));
     }
 
     fn run(&mut self) -> Result<(), TestCaseError> {

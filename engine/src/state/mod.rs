@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 pub use chain::HashChain;
 pub use dag::Dag;
 pub use digest::{Digest, DigestSum};
-pub use snapshot::{SnapshotMeta, StateSnapshot};
+pub use snapshot::{SnapshotMeta, StateSnapshot, TaskHashCache};
 pub use step::{StepState, StepStatus};
 pub use task::{TaskState, TaskStatus};
 
@@ -300,6 +300,11 @@ impl State {
     /// Tasks in memory, in no particular order.
     pub fn tasks(&self) -> impl Iterator<Item = &TaskState> {
         self.tasks.values().map(|t| &**t)
+    }
+
+    /// Tasks in memory as their shared handles (snapshots key caches on them).
+    pub fn tasks_shared(&self) -> impl Iterator<Item = &Arc<TaskState>> {
+        self.tasks.values()
     }
 
     pub fn task_count(&self) -> usize {

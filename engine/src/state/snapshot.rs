@@ -71,6 +71,46 @@ impl SnapshotMeta {
         }
         super::digest::finish(sum, self.epoch, self.answered)
     }
+
+    /// [`SnapshotMeta::digest`], reusing the hashes of tasks unchanged since the
+    /// cache was filled, and refilling it with these tasks.
+    pub fn digest_cached<'a>(
+        &self,
+        tasks: impl Iterator<Item = &'a Arc<TaskState>>,
+        cache: &mut TaskHashCache,
+    ) -> Digest {
+        let mut next = FxHashMap::with_capacity_and_hasher(cache.0.len(), Default::default());
+        let mut sum = self.archived;
+        for task in tasks {
+            let hash = match cache.0.get(&task.id) {
+                Some((seen, hash)) if Arc::ptr_eq(seen, task) => *hash,
+                _ => super::digest::task_hash(task, task.dag.hash()),
+            };
+            sum.add(&hash);
+            next.insert(task.id, (Arc::clone(task), hash));
+        }
+        cache.0 = next;
+        super::digest::finish(sum, self.epoch, self.answered)
+    }
+}
+
+/// Task hashes kept from one snapshot to the next. Most tasks in memory are
+/// finished ones kept for the retention window, and hashing every task was most
+/// of a snapshot's CPU. A task whose `Arc` is the one hashed last time is
+/// unchanged: the cache holds a strong reference, so the fold's copy-on-write
+/// (`Arc::make_mut`) cannot have changed that allocation in place. (The cost: tasks
+/// evicted since the last snapshot stay allocated until the next one.)
+#[derive(Debug, Default)]
+pub struct TaskHashCache(FxHashMap<TaskId, (Arc<TaskState>, [u8; 32])>);
+
+impl TaskHashCache {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl StateSnapshot {

@@ -35,7 +35,9 @@ use crate::record::{
     PartitionId, Position, RejectReason, StepId, TaskId, TaskRejected, Timestamp,
 };
 use crate::registry::TemplateRegistry;
-use crate::state::{Applied, HashChain, State, StateSnapshot, StepStatus, TaskState};
+use crate::state::{
+    Applied, HashChain, State, StateSnapshot, StepStatus, TaskHashCache, TaskState,
+};
 
 mod flush;
 mod publish;
@@ -117,7 +119,10 @@ pub(crate) struct Processor {
     /// since only a snapshot being written shares it, updates are in place.
     snapshot_tasks: imbl::HashMap<TaskId, Arc<crate::state::TaskState>>,
     snapshots: Option<SnapshotStore>,
-    snapshot_job: Option<std::thread::JoinHandle<()>>,
+    /// The background snapshot being written; it hands the hash cache back.
+    snapshot_job: Option<std::thread::JoinHandle<TaskHashCache>>,
+    /// Task hashes from the last snapshot (see [`TaskHashCache`]).
+    hash_cache: TaskHashCache,
     events_since_snapshot: u64,
     last_snapshot: Instant,
     metrics: Arc<Metrics>,

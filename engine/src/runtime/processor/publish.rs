@@ -42,7 +42,7 @@ impl Processor {
         };
         // Waiting (at shutdown) includes a snapshot still being written.
         if wait && let Some(job) = self.snapshot_job.take() {
-            let _ = job.join();
+            self.join_snapshot(job);
         }
         if !self.settled() || self.events_since_snapshot == 0 {
             return;
@@ -52,7 +52,7 @@ impl Processor {
                 self.snapshot_job = Some(job);
                 return;
             }
-            let _ = job.join();
+            self.join_snapshot(job);
         }
         let (partition, position, chain) = (self.partition, self.read_pos, self.chain);
         let metrics = Arc::clone(&self.metrics);
@@ -81,11 +81,12 @@ impl Processor {
             });
         } else {
             let tasks = self.snapshot_tasks.clone();
+            let mut cache = std::mem::take(&mut self.hash_cache);
             let job = std::thread::Builder::new()
                 .name(format!("tasker-snap{}", partition.0))
                 .spawn(move || {
                     background_priority();
-                    let digest = meta.digest(tasks.values().map(|t| &**t));
+                    let digest = meta.digest_cached(tasks.values(), &mut cache);
                     let state = StateSnapshot::from_tasks(tasks.values().map(|t| &**t), meta);
                     write(SnapshotFile {
                         partition,
@@ -94,6 +95,7 @@ impl Processor {
                         digest,
                         state,
                     });
+                    cache
                 });
             match job {
                 Ok(handle) => self.snapshot_job = Some(handle),
@@ -104,6 +106,14 @@ impl Processor {
         }
         self.events_since_snapshot = 0;
         self.last_snapshot = Instant::now();
+    }
+
+    /// Waits for a background snapshot and takes its hash cache back (a panicked
+    /// one leaves an empty cache: the next snapshot hashes everything).
+    fn join_snapshot(&mut self, job: std::thread::JoinHandle<TaskHashCache>) {
+        if let Ok(cache) = job.join() {
+            self.hash_cache = cache;
+        }
     }
 
     /// Answers digest requests once the state is exactly the fold of the log prefix.
