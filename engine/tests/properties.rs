@@ -1265,7 +1265,7 @@ impl<'a> Sim<'a> {
         let cached = self
             .state
             .snapshot_meta()
-            .digest_cached(self.state.tasks_shared(), &mut self.hash_cache);
+            .digest(self.state.tasks_shared(), &mut self.hash_cache);
         assert_eq!(
             cached,
             digest,

@@ -66,7 +66,7 @@ impl PartitionView {
 
     /// The task as its processor last released it.
     pub fn task(&self, id: &TaskId) -> Option<Arc<TaskState>> {
-        self.tasks.0.get(id).map(|e| Arc::clone(&e.task))
+        self.task_at(id).map(|(_, task)| task)
     }
 
     /// The task and the position it is exact at: the fold of the records before

@@ -63,18 +63,9 @@ pub struct SnapshotMeta {
 
 impl SnapshotMeta {
     /// The digest of a state with these scalars and these tasks (equal to
-    /// [`State::digest`] when `tasks` are the state's tasks).
-    pub fn digest<'a>(&self, tasks: impl Iterator<Item = &'a TaskState>) -> Digest {
-        let mut sum = self.archived;
-        for task in tasks {
-            sum.add(&super::digest::task_hash(task, task.dag.hash()));
-        }
-        super::digest::finish(sum, self.epoch, self.answered)
-    }
-
-    /// [`SnapshotMeta::digest`], reusing the hashes of tasks unchanged since the
-    /// cache was filled, and refilling it with these tasks.
-    pub fn digest_cached<'a>(
+    /// [`State::digest`] when `tasks` are the state's tasks), reusing the hashes
+    /// of tasks unchanged since `cache` was filled, and refilling it with these.
+    pub fn digest<'a>(
         &self,
         tasks: impl Iterator<Item = &'a Arc<TaskState>>,
         cache: &mut TaskHashCache,

@@ -86,7 +86,7 @@ impl Processor {
                 .name(format!("tasker-snap{}", partition.0))
                 .spawn(move || {
                     background_priority();
-                    let digest = meta.digest_cached(tasks.values(), &mut cache);
+                    let digest = meta.digest(tasks.values(), &mut cache);
                     let state = StateSnapshot::from_tasks(tasks.values().map(|t| &**t), meta);
                     write(SnapshotFile {
                         partition,
