@@ -394,19 +394,42 @@ fn hour_of(t: tasker_engine::record::Timestamp) -> i64 {
     m - m.rem_euclid(HOUR_MS)
 }
 
-/// A batch's change to `tasker_task_hourly` (migration 0005), per hour:
-/// requested, complete, error, complete span (µs).
-#[derive(Default)]
-struct TaskHours(std::collections::BTreeMap<i64, [i64; 4]>);
+/// A batch's change to an hourly summary table: N counters per UTC hour.
+struct Hours<const N: usize>(std::collections::BTreeMap<i64, [i64; N]>);
 
-impl TaskHours {
-    fn merge(&mut self, hour: i64, delta: [i64; 4]) {
-        let h = self.0.entry(hour).or_default();
+impl<const N: usize> Default for Hours<N> {
+    fn default() -> Self {
+        Hours(std::collections::BTreeMap::new())
+    }
+}
+
+impl<const N: usize> Hours<N> {
+    fn merge(&mut self, hour: i64, delta: [i64; N]) {
+        let h = self.0.entry(hour).or_insert([0; N]);
         for (a, d) in h.iter_mut().zip(delta) {
             *a += d;
         }
     }
 
+    /// The hours and each counter as a column, for `UNNEST`.
+    fn columns(self) -> (Vec<i64>, [Vec<i64>; N]) {
+        let mut cols: [Vec<i64>; N] = std::array::from_fn(|_| Vec::with_capacity(self.0.len()));
+        let mut hours = Vec::with_capacity(self.0.len());
+        for (hour, v) in self.0 {
+            hours.push(hour);
+            for (col, x) in cols.iter_mut().zip(v) {
+                col.push(x);
+            }
+        }
+        (hours, cols)
+    }
+}
+
+/// A batch's change to `tasker_task_hourly` (migration 0005), per hour:
+/// requested, complete, error, complete span (µs).
+type TaskHours = Hours<4>;
+
+impl TaskHours {
     fn add(
         &mut self,
         requested_at: tasker_engine::record::Timestamp,
@@ -428,7 +451,7 @@ impl TaskHours {
         if self.0.is_empty() {
             return Ok(());
         }
-        let (hours, v): (Vec<i64>, Vec<[i64; 4]>) = self.0.into_iter().unzip();
+        let (hours, [n, c, e, us]) = self.columns();
         sqlx::query(
             "INSERT INTO tasker_task_hourly AS h (hour, requested, complete, error, complete_span_us)
              SELECT TIMESTAMPTZ 'epoch' + u.hour * INTERVAL '1 millisecond', u.n, u.c, u.e, u.us
@@ -441,10 +464,10 @@ impl TaskHours {
                  complete_span_us = h.complete_span_us + EXCLUDED.complete_span_us",
         )
         .bind(hours)
-        .bind(v.iter().map(|h| h[0]).collect::<Vec<_>>())
-        .bind(v.iter().map(|h| h[1]).collect::<Vec<_>>())
-        .bind(v.iter().map(|h| h[2]).collect::<Vec<_>>())
-        .bind(v.iter().map(|h| h[3]).collect::<Vec<_>>())
+        .bind(n)
+        .bind(c)
+        .bind(e)
+        .bind(us)
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -453,17 +476,9 @@ impl TaskHours {
 
 /// A batch's change to `tasker_step_hourly`: complete steps per hour of
 /// completed_at, how many have a duration, the durations' sum.
-#[derive(Default)]
-struct StepHours(std::collections::BTreeMap<i64, [i64; 3]>);
+type StepHours = Hours<3>;
 
 impl StepHours {
-    fn merge(&mut self, hour: i64, delta: [i64; 3]) {
-        let h = self.0.entry(hour).or_default();
-        for (a, d) in h.iter_mut().zip(delta) {
-            *a += d;
-        }
-    }
-
     fn add(
         &mut self,
         status: &str,
@@ -481,7 +496,7 @@ impl StepHours {
         if self.0.is_empty() {
             return Ok(());
         }
-        let (hours, v): (Vec<i64>, Vec<[i64; 3]>) = self.0.into_iter().unzip();
+        let (hours, [n, timed, duration]) = self.columns();
         sqlx::query(
             "INSERT INTO tasker_step_hourly AS h (hour, complete, timed, duration_ms)
              SELECT TIMESTAMPTZ 'epoch' + u.hour * INTERVAL '1 millisecond', u.n, u.t, u.ms
@@ -492,9 +507,9 @@ impl StepHours {
                  duration_ms = h.duration_ms + EXCLUDED.duration_ms",
         )
         .bind(hours)
-        .bind(v.iter().map(|h| h[0]).collect::<Vec<_>>())
-        .bind(v.iter().map(|h| h[1]).collect::<Vec<_>>())
-        .bind(v.iter().map(|h| h[2]).collect::<Vec<_>>())
+        .bind(n)
+        .bind(timed)
+        .bind(duration)
         .execute(&mut **tx)
         .await?;
         Ok(())
