@@ -27,8 +27,8 @@ use tasker_engine::record::{
     TemplateSnapshot, Timestamp,
 };
 use tasker_engine::state::{
-    Applied, DEFAULT_RETENTION_MS, Dag, Digest, HashChain, State, StepStatus, TaskHashCache,
-    TaskStatus,
+    Applied, DEFAULT_RETENTION_MS, Dag, Digest, HashChain, SnapshotCache, State, StateDelta,
+    StateSnapshot, StepStatus, TaskStatus, Written,
 };
 
 const START_MS: u64 = 1_700_000_000_000;
@@ -495,7 +495,11 @@ struct Sim<'a> {
     /// (records in the log, live digest then): replays must agree at each.
     checkpoints: Vec<(usize, Digest)>,
     /// Carried from checkpoint to checkpoint, as snapshots carry it.
-    hash_cache: TaskHashCache,
+    snapshot_cache: SnapshotCache,
+    /// The snapshot the last checkpoint "wrote", which the next delta follows.
+    last_snapshot: Option<StateSnapshot>,
+    /// Where that snapshot was taken (records in the log).
+    last_written: usize,
     /// Every task requested, in order, with its correlation id.
     tasks: Vec<(TaskId, CorrelationId)>,
     failures: u32,
@@ -531,7 +535,9 @@ impl<'a> Sim<'a> {
             heads: Vec::new(),
             chain: HashChain::genesis(PartitionId(0)),
             checkpoints: Vec::new(),
-            hash_cache: TaskHashCache::default(),
+            snapshot_cache: SnapshotCache::default(),
+            last_snapshot: None,
+            last_written: 0,
             tasks: Vec::new(),
             failures: 0,
             cut: false,
@@ -1260,19 +1266,70 @@ impl<'a> Sim<'a> {
 
     fn checkpoint(&mut self) {
         let digest = self.state.digest();
-        // A snapshot's digest reuses the hashes of tasks unchanged since the last
-        // one; it must equal the digest computed from scratch.
-        let cached = self
+        // A background snapshot reuses the hashes and encoded images of tasks
+        // unchanged since the last one: its digest must equal the one computed
+        // from scratch, and its bytes must decode to this state.
+        let encoded = self
             .state
             .snapshot_meta()
-            .digest(self.state.tasks_shared(), &mut self.hash_cache);
+            .encode(self.state.tasks_shared(), &mut self.snapshot_cache)
+            .unwrap();
+        let at = self.log.len();
+        assert_eq!(encoded.digest, digest, "cached snapshot digest at {at}");
+        let bytes: Vec<u8> = encoded.parts().flatten().copied().collect();
+        let decoded: StateSnapshot = tasker_engine::codec::from_canonical_bytes(&bytes).unwrap();
+        let restored = State::from_snapshot(decoded.clone()).expect("a consistent snapshot");
         assert_eq!(
-            cached,
+            restored.digest(),
             digest,
-            "cached snapshot digest at {}",
-            self.log.len()
+            "cached snapshot restored at {at}"
         );
-        assert_eq!(self.hash_cache.len(), self.state.task_count());
+        assert_eq!(
+            restored.to_snapshot(),
+            self.state.to_snapshot(),
+            "cached snapshot restored at {at}"
+        );
+        // The delta from the last snapshot written, applied to it, is this one.
+        if let Some(base) = encoded.base {
+            assert_eq!(base.position.0, self.last_written as u64);
+            let bytes: Vec<u8> = encoded.delta_parts().flatten().copied().collect();
+            let delta: StateDelta = tasker_engine::codec::from_canonical_bytes(&bytes).unwrap();
+            let mut next = self.last_snapshot.take().expect("the base snapshot");
+            next.apply(delta).expect("a delta that follows its base");
+            let next = State::from_snapshot(next).expect("a consistent snapshot");
+            assert_eq!(next.digest(), digest, "delta at {at}");
+            assert_eq!(
+                next.to_snapshot(),
+                self.state.to_snapshot(),
+                "delta at {at}"
+            );
+        }
+        // Every fifth "write" fails: the next snapshot must be whole.
+        let written = !at.is_multiple_of(5);
+        drop(encoded);
+        self.last_snapshot = None;
+        if written {
+            self.snapshot_cache.written(Written {
+                position: Position(at as u64),
+                full_bytes: 0,
+                delta_bytes: 0,
+            });
+            self.last_snapshot = Some(decoded);
+            self.last_written = at;
+        }
+        assert_eq!(self.snapshot_cache.len(), self.state.task_count());
+        // From a fresh cache, the very bytes of the snapshot made in one piece.
+        let mut cache = SnapshotCache::default();
+        let fresh = self
+            .state
+            .snapshot_meta()
+            .encode(self.state.tasks_shared(), &mut cache)
+            .unwrap();
+        assert_eq!(
+            fresh.parts().flatten().copied().collect::<Vec<u8>>(),
+            tasker_engine::codec::canonical_bytes(&self.state.to_snapshot()).unwrap(),
+            "snapshot bytes at {at}"
+        );
         self.checkpoints.push((self.log.len(), digest));
     }
 

@@ -14,6 +14,7 @@ use tasker_engine::record::{
     RejectReason, RequestTask, StepError, TaskId, Timestamp,
 };
 use tasker_engine::registry::TemplateRegistry;
+use tasker_engine::runtime::snapshot::{SnapshotKind, SnapshotStore};
 use tasker_engine::runtime::{Engine, EngineOptions, SubmitOutcome};
 use tasker_engine::state::{HashChain, State, StepStatus, TaskStatus};
 use tempfile::TempDir;
@@ -211,6 +212,19 @@ fn diamonds_complete_exactly_once(h: Harness) {
         );
     }
     engine.shutdown();
+    // Every snapshot kept (written in the background while the tasks ran, the
+    // last at shutdown) reads back whole and restores to its own digest.
+    let store = SnapshotStore::new(h.dir.path().join("snapshots"));
+    for p in 0..2 {
+        let files = store.list(PartitionId(p));
+        assert!(files.len() >= 2, "partition {p}: snapshots {files:?}");
+        for (position, path) in files {
+            let file = SnapshotStore::read(&path).unwrap();
+            assert_eq!(file.position, position);
+            let state = State::from_snapshot(file.state).expect("a consistent snapshot");
+            assert_eq!(state.digest(), file.digest, "{}", path.display());
+        }
+    }
     let log = h.log();
     for report in live {
         let (state, chain, events) = replay(&*log, report.partition);
@@ -233,6 +247,90 @@ fn diamonds_complete_exactly_once(h: Harness) {
             }
         }
     }
+}
+
+/// The digest of a partition's log folded up to (not including) `end`.
+fn digest_at(log: &dyn Log, partition: PartitionId, end: Position) -> tasker_engine::state::Digest {
+    let mut state = State::default();
+    let mut reader = log.reader(partition, Position(0)).unwrap();
+    while reader.position() < end {
+        for rec in reader.poll(10_000, Duration::from_millis(100)).unwrap() {
+            if rec.position < end
+                && let Ok(env) = codec::decode(&rec.record.payload)
+            {
+                state.apply(&env);
+            }
+        }
+    }
+    state.digest()
+}
+
+#[test]
+fn snapshots_write_deltas_and_a_restart_restores_from_one() {
+    let h = Harness::new(1);
+    let engine = h.engine();
+    // Waves of tasks: once the first ones are finished (and kept for the
+    // retention window), a snapshot's changes are a fraction of the state.
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let wave: Vec<TaskId> = (0..60)
+            .map(|_| {
+                let env = request("diamond", "{}", None);
+                let id = env.task_id;
+                assert!(matches!(
+                    engine.request_blocking(env).unwrap(),
+                    SubmitOutcome::Accepted { .. }
+                ));
+                id
+            })
+            .collect();
+        wait_terminal(&engine, &wave, Duration::from_secs(30));
+        ids.extend(wave);
+    }
+    engine.shutdown();
+    let p = PartitionId(0);
+    let store = SnapshotStore::new(h.dir.path().join("snapshots"));
+    let deltas = store.files(p, SnapshotKind::Delta);
+    assert!(!deltas.is_empty(), "no delta among {:?}", store.list(p));
+    let log = h.log();
+    // Each delta, applied to its chain, is the fold of the log before it.
+    for (position, path) in &deltas {
+        let file = store.load(p, SnapshotKind::Delta, path).unwrap();
+        assert_eq!(file.position, *position);
+        let state = State::from_snapshot(file.state).expect("a consistent snapshot");
+        assert_eq!(state.digest(), file.digest, "{}", path.display());
+        assert_eq!(
+            file.digest,
+            digest_at(&*log, p, *position),
+            "{}",
+            path.display()
+        );
+    }
+    // Without the files written after the newest delta, a restart starts there.
+    let (newest, _) = deltas.last().unwrap().clone();
+    for (position, path) in store.list(p) {
+        if position > newest {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let (restored, _) = store.latest(p).unwrap();
+    assert_eq!(restored.position, newest);
+    // A damaged delta is passed over for the link before it.
+    let path = &deltas.last().unwrap().1;
+    let good = std::fs::read(path).unwrap();
+    let mut bad = good.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    std::fs::write(path, &bad).unwrap();
+    let (older, _) = store.latest(p).unwrap();
+    assert!(older.position < newest, "{:?}", older.position);
+    std::fs::write(path, &good).unwrap();
+    let engine = h.engine();
+    for id in &ids {
+        assert_eq!(engine.task(*id).unwrap().status, TaskStatus::Complete);
+    }
+    let live = engine.digest(p).unwrap().blocking_recv().unwrap();
+    engine.shutdown();
+    assert_eq!(replay(&*h.log(), p).0.digest(), live.digest);
 }
 
 #[test]

@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 pub use chain::HashChain;
 pub use dag::Dag;
 pub use digest::{Digest, DigestSum};
-pub use snapshot::{SnapshotMeta, StateSnapshot, TaskHashCache};
+pub use snapshot::{EncodedState, SnapshotCache, SnapshotMeta, StateDelta, StateSnapshot, Written};
 pub use step::{StepState, StepStatus};
 pub use task::{TaskState, TaskStatus};
 

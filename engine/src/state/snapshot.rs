@@ -12,6 +12,7 @@ use super::dag::Dag;
 use super::digest::{Digest, DigestSum};
 use super::step::StepState;
 use super::task::{TaskState, TaskStatus};
+use crate::codec::{self, EncodeError};
 use crate::record::{
     CorrelationId, Epoch, Position, RequestTask, TaskId, TemplateSnapshot, Timestamp,
 };
@@ -61,46 +62,295 @@ pub struct SnapshotMeta {
     archived: DigestSum,
 }
 
-impl SnapshotMeta {
-    /// The digest of a state with these scalars and these tasks (equal to
-    /// [`State::digest`] when `tasks` are the state's tasks), reusing the hashes
-    /// of tasks unchanged since `cache` was filled, and refilling it with these.
-    pub fn digest<'a>(
-        &self,
-        tasks: impl Iterator<Item = &'a Arc<TaskState>>,
-        cache: &mut TaskHashCache,
-    ) -> Digest {
-        let mut next = FxHashMap::with_capacity_and_hasher(cache.0.len(), Default::default());
-        let mut sum = self.archived;
-        for task in tasks {
-            let hash = match cache.0.get(&task.id) {
-                Some((seen, hash)) if Arc::ptr_eq(seen, task) => *hash,
-                _ => super::digest::task_hash(task, task.dag.hash()),
-            };
-            sum.add(&hash);
-            next.insert(task.id, (Arc::clone(task), hash));
-        }
-        cache.0 = next;
-        super::digest::finish(sum, self.epoch, self.answered)
+/// The changes from one [`StateSnapshot`] of a partition to a later one: the
+/// tasks new or changed since, the tasks gone, the templates added, and the
+/// scalars. Finished tasks stay in memory for the retention window and never
+/// change, so a delta is what the partition did between two snapshots, not
+/// everything it holds. Version 1; add a new struct for a new layout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateDelta {
+    /// How many templates the earlier snapshot holds; `templates` follow them.
+    templates_from: u32,
+    templates: Vec<Arc<TemplateSnapshot>>,
+    /// In id order.
+    changed: Vec<TaskImage>,
+    removed: Vec<TaskId>,
+    epoch: Epoch,
+    answered: Option<Position>,
+    clock: Timestamp,
+    retention_ms: u64,
+    evictions: Vec<(Timestamp, TaskId)>,
+    archived: DigestSum,
+}
+
+impl StateDelta {
+    pub fn changed_count(&self) -> usize {
+        self.changed.len()
     }
 }
 
-/// Task hashes kept from one snapshot to the next. Most tasks in memory are
-/// finished ones kept for the retention window, and hashing every task was most
-/// of a snapshot's CPU. A task whose `Arc` is the one hashed last time is
-/// unchanged: the cache holds a strong reference, so the fold's copy-on-write
-/// (`Arc::make_mut`) cannot have changed that allocation in place. (The cost: tasks
-/// evicted since the last snapshot stay allocated until the next one.)
-#[derive(Debug, Default)]
-pub struct TaskHashCache(FxHashMap<TaskId, (Arc<TaskState>, [u8; 32])>);
+impl StateSnapshot {
+    /// The later snapshot: this one with `delta` applied. `None` if the delta
+    /// does not follow this snapshot (it expects another number of templates).
+    pub fn apply(&mut self, delta: StateDelta) -> Option<()> {
+        if self.templates.len() != delta.templates_from as usize {
+            return None;
+        }
+        self.templates.extend(delta.templates);
+        let removed: rustc_hash::FxHashSet<TaskId> = delta.removed.into_iter().collect();
+        let old = std::mem::take(&mut self.tasks);
+        let mut changed = delta.changed.into_iter().peekable();
+        let mut tasks = Vec::with_capacity(old.len() + changed.len());
+        for task in old.into_iter().filter(|t| !removed.contains(&t.id)) {
+            while let Some(new) = changed.next_if(|c| c.id < task.id) {
+                tasks.push(new);
+            }
+            tasks.push(changed.next_if(|c| c.id == task.id).unwrap_or(task));
+        }
+        tasks.extend(changed);
+        self.tasks = tasks;
+        self.epoch = delta.epoch;
+        self.answered = delta.answered;
+        self.clock = delta.clock;
+        self.retention_ms = delta.retention_ms;
+        self.evictions = delta.evictions;
+        self.archived = delta.archived;
+        Some(())
+    }
+}
 
-impl TaskHashCache {
+/// What background snapshots carry from one to the next. Most tasks in memory
+/// are finished ones kept for the retention window, and hashing and encoding
+/// every task was most of a snapshot's CPU. A task whose `Arc` is the one seen
+/// last time is unchanged: the cache holds a strong reference, so the fold's
+/// copy-on-write (`Arc::make_mut`) cannot have changed that allocation in place,
+/// and its hash and encoded image are reused; the others make the delta from the
+/// last snapshot. (The cost: tasks evicted since the last snapshot stay
+/// allocated until the next one, and each task's encoded image is kept.)
+#[derive(Debug, Default)]
+pub struct SnapshotCache {
+    tasks: FxHashMap<TaskId, CachedTask>,
+    /// Templates numbered in the order first seen; cached images refer to them
+    /// by number, so numbers never change while the cache lives.
+    templates: Vec<Arc<Dag>>,
+    numbers: FxHashMap<usize, u32>,
+    /// How many templates the last encoded snapshot held.
+    templates_encoded: u32,
+    /// The file the cache's contents were written as, once that write succeeded.
+    written: Option<Written>,
+    /// Too many templates no task uses: start afresh next time.
+    stale: bool,
+}
+
+/// A snapshot written from the cache, and the chain of deltas it ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub position: Position,
+    /// Bytes of the chain's full snapshot and of its deltas so far.
+    pub full_bytes: u64,
+    pub delta_bytes: u64,
+}
+
+#[derive(Debug)]
+struct CachedTask {
+    task: Arc<TaskState>,
+    hash: [u8; 32],
+    image: Box<[u8]>,
+}
+
+impl SnapshotCache {
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.tasks.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.tasks.is_empty()
+    }
+
+    /// Records that the last [`SnapshotMeta::encode`] was written durably, so
+    /// the next one may be a delta from it.
+    pub fn written(&mut self, written: Written) {
+        self.written = Some(written);
+    }
+
+    /// Makes the next snapshot a whole one (another was written meanwhile
+    /// without the cache, so the last one it wrote may be pruned).
+    pub fn reset_chain(&mut self) {
+        self.written = None;
+    }
+
+    /// The number of a task's template (the `Arc` is held, so its address is
+    /// not reused while the number stands for it).
+    fn template(&mut self, dag: &Arc<Dag>) -> u32 {
+        let next = self.templates.len() as u32;
+        let number = *self
+            .numbers
+            .entry(Arc::as_ptr(dag) as usize)
+            .or_insert(next);
+        if number == next {
+            self.templates.push(Arc::clone(dag));
+        }
+        number
+    }
+}
+
+/// A state snapshot's bytes in parts, most of them borrowed from the cache, so
+/// writing it copies no task: whole (exactly `codec::canonical_bytes` of the
+/// [`StateSnapshot`] it stands for) and as a [`StateDelta`] from the last one
+/// written, when there is one.
+#[derive(Debug)]
+pub struct EncodedState<'c> {
+    pub digest: Digest,
+    /// The snapshot the delta is from; `None`: only the whole state can be written.
+    pub base: Option<Written>,
+    head: Vec<u8>,
+    images: Vec<&'c [u8]>,
+    tail: Vec<u8>,
+    delta_head: Vec<u8>,
+    changed: Vec<&'c [u8]>,
+    /// The removed ids, then `tail`.
+    delta_tail: Vec<u8>,
+}
+
+impl EncodedState<'_> {
+    /// The whole state.
+    pub fn parts(&self) -> impl Iterator<Item = &[u8]> + Clone {
+        std::iter::once(&*self.head)
+            .chain(self.images.iter().copied())
+            .chain(std::iter::once(&*self.tail))
+    }
+
+    /// The delta from `base`.
+    pub fn delta_parts(&self) -> impl Iterator<Item = &[u8]> + Clone {
+        std::iter::once(&*self.delta_head)
+            .chain(self.changed.iter().copied())
+            .chain(std::iter::once(&*self.delta_tail))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.parts().map(|p| p.len() as u64).sum()
+    }
+
+    pub fn delta_size(&self) -> u64 {
+        self.delta_parts().map(|p| p.len() as u64).sum()
+    }
+
+    pub fn task_count(&self) -> usize {
+        self.images.len()
+    }
+
+    pub fn changed_count(&self) -> usize {
+        self.changed.len()
+    }
+}
+
+/// [`TaskImage`]'s layout, borrowed, for encoding (same fields in the same
+/// order; a slice encodes as a `Vec` does).
+#[derive(Serialize)]
+struct TaskImageRef<'a> {
+    id: TaskId,
+    correlation_id: CorrelationId,
+    status: TaskStatus,
+    template: u32,
+    request: &'a RequestTask,
+    steps: &'a [StepState],
+    accepted_at: Timestamp,
+    started_at: Option<Timestamp>,
+    finished_at: Option<Timestamp>,
+}
+
+impl SnapshotMeta {
+    /// The digest of a state with these scalars and these tasks (equal to
+    /// [`State::digest`] when `tasks` are the state's tasks) and its snapshot
+    /// encoded, reusing the hash and the encoded image of every task unchanged
+    /// since `cache` was filled, and refilling it with these.
+    pub fn encode<'c, 'a>(
+        self,
+        tasks: impl Iterator<Item = &'a Arc<TaskState>>,
+        cache: &'c mut SnapshotCache,
+    ) -> Result<EncodedState<'c>, EncodeError> {
+        if cache.stale {
+            *cache = SnapshotCache::default();
+        }
+        let base = cache.written.take();
+        // In id order, so a fresh cache numbers templates as `from_tasks` does
+        // and gives the same bytes.
+        let mut tasks: Vec<&Arc<TaskState>> = tasks.collect();
+        tasks.sort_unstable_by_key(|t| t.id);
+        let mut next = FxHashMap::with_capacity_and_hasher(tasks.len(), Default::default());
+        let mut changed = Vec::new();
+        let mut sum = self.archived;
+        for task in &tasks {
+            let cached = match cache.tasks.remove(&task.id) {
+                Some(c) if Arc::ptr_eq(&c.task, task) => c,
+                _ => {
+                    changed.push(task.id);
+                    CachedTask {
+                        task: Arc::clone(task),
+                        hash: super::digest::task_hash(task, task.dag.hash()),
+                        image: codec::canonical_bytes(&TaskImageRef {
+                            id: task.id,
+                            correlation_id: task.correlation_id,
+                            status: task.status,
+                            template: cache.template(&task.dag),
+                            request: &task.request,
+                            steps: &task.steps,
+                            accepted_at: task.accepted_at,
+                            started_at: task.started_at,
+                            finished_at: task.finished_at,
+                        })?
+                        .into_boxed_slice(),
+                    }
+                }
+            };
+            sum.add(&cached.hash);
+            next.insert(task.id, cached);
+        }
+        // What is left of the last snapshot's tasks is gone from the state.
+        let mut removed: Vec<TaskId> = cache.tasks.keys().copied().collect();
+        removed.sort_unstable();
+        cache.tasks = next;
+        let digest = super::digest::finish(sum, self.epoch, self.answered);
+        let templates: Vec<&Arc<TemplateSnapshot>> = cache
+            .templates
+            .iter()
+            .map(|d| d.shared_snapshot())
+            .collect();
+        let mut head = codec::canonical_bytes(&templates)?;
+        head.extend(codec::canonical_bytes(&(tasks.len() as u64))?);
+        let templates_from = cache.templates_encoded;
+        let mut delta_head = codec::canonical_bytes(&(
+            templates_from,
+            &templates[(templates_from as usize).min(templates.len())..],
+        ))?;
+        delta_head.extend(codec::canonical_bytes(&(changed.len() as u64))?);
+        cache.templates_encoded = templates.len() as u32;
+        let tail = codec::canonical_bytes(&(
+            self.epoch,
+            self.answered,
+            self.clock,
+            self.retention_ms,
+            &self.evictions,
+            self.archived,
+        ))?;
+        let mut delta_tail = codec::canonical_bytes(&removed)?;
+        delta_tail.extend_from_slice(&tail);
+        // Templates no task uses any more stay numbered while the cache lives;
+        // when they outnumber the used ones, the next snapshot starts afresh.
+        let used: rustc_hash::FxHashSet<usize> =
+            tasks.iter().map(|t| Arc::as_ptr(&t.dag) as usize).collect();
+        cache.stale = cache.templates.len() > 2 * used.len() + 8;
+        let image = |id: &TaskId| cache.tasks.get(id).map(|c| &*c.image);
+        Ok(EncodedState {
+            digest,
+            base,
+            head,
+            images: tasks.iter().filter_map(|t| image(&t.id)).collect(),
+            tail,
+            delta_head,
+            changed: changed.iter().filter_map(image).collect(),
+            delta_tail,
+        })
     }
 }
 

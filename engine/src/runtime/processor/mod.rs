@@ -22,7 +22,7 @@ use super::encode::to_record;
 use super::executor::{Job, Steps};
 use super::ids::derive_task_id;
 use super::metrics::{GaugePart, Metrics};
-use super::snapshot::{SnapshotFile, SnapshotStore};
+use super::snapshot::{SnapshotError, SnapshotStore};
 use super::timers::Timers;
 use super::view::{PartitionView, TaskTable};
 use super::{DigestReport, EngineOptions, Inbox, SubmitError, SubmitOutcome, TaskObserver};
@@ -35,9 +35,7 @@ use crate::record::{
     PartitionId, Position, RejectReason, StepId, TaskId, TaskRejected, Timestamp,
 };
 use crate::registry::TemplateRegistry;
-use crate::state::{
-    Applied, HashChain, State, StateSnapshot, StepStatus, TaskHashCache, TaskState,
-};
+use crate::state::{Applied, HashChain, SnapshotCache, State, StepStatus, TaskState};
 
 mod flush;
 mod publish;
@@ -119,10 +117,10 @@ pub(crate) struct Processor {
     /// since only a snapshot being written shares it, updates are in place.
     snapshot_tasks: imbl::HashMap<TaskId, Arc<crate::state::TaskState>>,
     snapshots: Option<SnapshotStore>,
-    /// The background snapshot being written; it hands the hash cache back.
-    snapshot_job: Option<std::thread::JoinHandle<TaskHashCache>>,
-    /// Task hashes from the last snapshot (see [`TaskHashCache`]).
-    hash_cache: TaskHashCache,
+    /// The background snapshot being written; it hands the cache back.
+    snapshot_job: Option<std::thread::JoinHandle<SnapshotCache>>,
+    /// Task hashes and images from the last snapshot (see [`SnapshotCache`]).
+    snapshot_cache: SnapshotCache,
     events_since_snapshot: u64,
     last_snapshot: Instant,
     metrics: Arc<Metrics>,

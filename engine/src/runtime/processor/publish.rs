@@ -1,5 +1,7 @@
 //! What readers see: the published view, snapshots and digest answers.
 
+use std::path::PathBuf;
+
 use super::*;
 
 impl Processor {
@@ -34,8 +36,9 @@ impl Processor {
     }
 
     /// Snapshots the state if it is exactly the fold of the log read so far. The
-    /// tasks come from the published view (a persistent map, so taking it is O(1))
-    /// and are encoded and written on a background thread; `wait` writes in line.
+    /// tasks come from a persistent map (taking it is O(1)) and are hashed,
+    /// encoded (both only when changed since the last snapshot) and written on a
+    /// background thread; `wait` writes in line.
     pub(super) fn snapshot(&mut self, wait: bool) {
         let Some(store) = self.snapshots.clone() else {
             return;
@@ -56,7 +59,7 @@ impl Processor {
         }
         let (partition, position, chain) = (self.partition, self.read_pos, self.chain);
         let metrics = Arc::clone(&self.metrics);
-        let write = move |file: SnapshotFile| match store.write(file) {
+        let done = move |written: Result<PathBuf, SnapshotError>| match written {
             Ok(path) => {
                 metrics.snapshots_written.inc();
                 tracing::debug!(%partition, file = %path.display(), "snapshot written");
@@ -72,29 +75,29 @@ impl Processor {
             );
         }
         if wait || self.snapshot_tasks.len() != self.state.task_count() {
-            write(SnapshotFile {
-                partition,
-                position,
-                chain,
-                digest: self.state.digest(),
-                state: self.state.to_snapshot(),
-            });
+            // In line: the whole state, from which the next delta cannot follow.
+            self.snapshot_cache.reset_chain();
+            done(store.write_state(partition, position, chain, &self.state));
         } else {
             let tasks = self.snapshot_tasks.clone();
-            let mut cache = std::mem::take(&mut self.hash_cache);
+            let mut cache = std::mem::take(&mut self.snapshot_cache);
             let job = std::thread::Builder::new()
                 .name(format!("tasker-snap{}", partition.0))
                 .spawn(move || {
                     background_priority();
-                    let digest = meta.digest(tasks.values(), &mut cache);
-                    let state = StateSnapshot::from_tasks(tasks.values().map(|t| &**t), meta);
-                    write(SnapshotFile {
-                        partition,
-                        position,
-                        chain,
-                        digest,
-                        state,
-                    });
+                    match meta.encode(tasks.values(), &mut cache) {
+                        Ok(state) => {
+                            let written = store.write_next(partition, position, chain, &state);
+                            drop(state);
+                            if let Ok((_, next)) = &written {
+                                cache.written(*next);
+                            }
+                            done(written.map(|(path, _)| path));
+                        }
+                        Err(e) => {
+                            tracing::error!(%partition, error = %e, "cannot encode a snapshot; will retry")
+                        }
+                    }
                     cache
                 });
             match job {
@@ -108,11 +111,11 @@ impl Processor {
         self.last_snapshot = Instant::now();
     }
 
-    /// Waits for a background snapshot and takes its hash cache back (a panicked
-    /// one leaves an empty cache: the next snapshot hashes everything).
-    fn join_snapshot(&mut self, job: std::thread::JoinHandle<TaskHashCache>) {
+    /// Waits for a background snapshot and takes its cache back (a panicked one
+    /// leaves an empty cache: the next snapshot hashes and encodes everything).
+    fn join_snapshot(&mut self, job: std::thread::JoinHandle<SnapshotCache>) {
         if let Ok(cache) = job.join() {
-            self.hash_cache = cache;
+            self.snapshot_cache = cache;
         }
     }
 

@@ -65,7 +65,7 @@ impl Processor {
             snapshot_tasks: imbl::HashMap::new(),
             snapshots,
             snapshot_job: None,
-            hash_cache: TaskHashCache::default(),
+            snapshot_cache: SnapshotCache::default(),
             events_since_snapshot: 0,
             last_snapshot: Instant::now(),
             tasks_gauge: GaugePart::new(Arc::clone(&metrics), |m| &m.tasks_in_memory),
