@@ -102,6 +102,9 @@ pub struct State {
     clock: Timestamp,
     retention_ms: u64,
     evictions: VecDeque<(Timestamp, TaskId)>,
+    /// Entries ever pushed to `evictions` (a FIFO), so a snapshot delta can say
+    /// which are new since the last one.
+    evictions_pushed: u64,
     archived: DigestSum,
     stats: FoldStats,
     /// Ids evicted since the runtime last asked (only when tracking is on).
@@ -126,6 +129,7 @@ impl State {
             clock: Timestamp(0),
             retention_ms,
             evictions: VecDeque::new(),
+            evictions_pushed: 0,
             archived: DigestSum::default(),
             stats: FoldStats::default(),
             evicted: None,
@@ -227,6 +231,7 @@ impl State {
                 Arc::make_mut(task).apply(event, env.at)?;
                 if task.status.is_final() {
                     self.evictions.push_back((self.clock, env.task_id));
+                    self.evictions_pushed += 1;
                 }
                 Ok(())
             }

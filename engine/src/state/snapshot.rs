@@ -59,6 +59,7 @@ pub struct SnapshotMeta {
     clock: Timestamp,
     retention_ms: u64,
     evictions: Vec<(Timestamp, TaskId)>,
+    evictions_pushed: u64,
     archived: DigestSum,
 }
 
@@ -79,7 +80,10 @@ pub struct StateDelta {
     answered: Option<Position>,
     clock: Timestamp,
     retention_ms: u64,
-    evictions: Vec<(Timestamp, TaskId)>,
+    /// The eviction queue is first in, first out: the earlier snapshot's
+    /// entries still queued (its last ones), then those added since.
+    evictions_kept: u64,
+    evictions_added: Vec<(Timestamp, TaskId)>,
     archived: DigestSum,
 }
 
@@ -91,7 +95,7 @@ impl StateDelta {
 
 impl StateSnapshot {
     /// The later snapshot: this one with `delta` applied. `None` if the delta
-    /// does not follow this snapshot (it expects another number of templates).
+    /// does not follow this snapshot (it expects more templates or evictions).
     pub fn apply(&mut self, delta: StateDelta) -> Option<()> {
         if self.templates.len() != delta.templates_from as usize {
             return None;
@@ -108,12 +112,17 @@ impl StateSnapshot {
             tasks.push(changed.next_if(|c| c.id == task.id).unwrap_or(task));
         }
         tasks.extend(changed);
+        let gone = self
+            .evictions
+            .len()
+            .checked_sub(usize::try_from(delta.evictions_kept).ok()?)?;
+        self.evictions.drain(..gone);
+        self.evictions.extend(delta.evictions_added);
         self.tasks = tasks;
         self.epoch = delta.epoch;
         self.answered = delta.answered;
         self.clock = delta.clock;
         self.retention_ms = delta.retention_ms;
-        self.evictions = delta.evictions;
         self.archived = delta.archived;
         Some(())
     }
@@ -129,13 +138,16 @@ impl StateSnapshot {
 /// allocated until the next one, and each task's encoded image is kept.)
 #[derive(Debug, Default)]
 pub struct SnapshotCache {
-    tasks: FxHashMap<TaskId, CachedTask>,
+    /// In id order.
+    tasks: Vec<CachedTask>,
     /// Templates numbered in the order first seen; cached images refer to them
     /// by number, so numbers never change while the cache lives.
     templates: Vec<Arc<Dag>>,
     numbers: FxHashMap<usize, u32>,
     /// How many templates the last encoded snapshot held.
     templates_encoded: u32,
+    /// The eviction queue's pushes so far when the last snapshot was encoded.
+    evictions_encoded: u64,
     /// The file the cache's contents were written as, once that write succeeded.
     written: Option<Written>,
     /// Too many templates no task uses: start afresh next time.
@@ -156,6 +168,7 @@ struct CachedTask {
     task: Arc<TaskState>,
     hash: [u8; 32],
     image: Box<[u8]>,
+    template: u32,
 }
 
 impl SnapshotCache {
@@ -277,14 +290,22 @@ impl SnapshotMeta {
         // and gives the same bytes.
         let mut tasks: Vec<&Arc<TaskState>> = tasks.collect();
         tasks.sort_unstable_by_key(|t| t.id);
-        let mut next = FxHashMap::with_capacity_and_hasher(tasks.len(), Default::default());
+        // The cache is in id order too: one merge finds what is unchanged,
+        // changed, new and gone, without hashing ids.
+        let mut old = std::mem::take(&mut cache.tasks).into_iter().peekable();
+        let mut next = Vec::with_capacity(tasks.len());
         let mut changed = Vec::new();
+        let mut removed = Vec::new();
         let mut sum = self.archived;
         for task in &tasks {
-            let cached = match cache.tasks.remove(&task.id) {
+            while let Some(gone) = old.next_if(|c| c.task.id < task.id) {
+                removed.push(gone.task.id);
+            }
+            let cached = match old.next_if(|c| c.task.id == task.id) {
                 Some(c) if Arc::ptr_eq(&c.task, task) => c,
                 _ => {
-                    changed.push(task.id);
+                    changed.push(next.len());
+                    let template = cache.template(&task.dag);
                     CachedTask {
                         task: Arc::clone(task),
                         hash: super::digest::task_hash(task, task.dag.hash()),
@@ -292,7 +313,7 @@ impl SnapshotMeta {
                             id: task.id,
                             correlation_id: task.correlation_id,
                             status: task.status,
-                            template: cache.template(&task.dag),
+                            template,
                             request: &task.request,
                             steps: &task.steps,
                             accepted_at: task.accepted_at,
@@ -300,15 +321,14 @@ impl SnapshotMeta {
                             finished_at: task.finished_at,
                         })?
                         .into_boxed_slice(),
+                        template,
                     }
                 }
             };
             sum.add(&cached.hash);
-            next.insert(task.id, cached);
+            next.push(cached);
         }
-        // What is left of the last snapshot's tasks is gone from the state.
-        let mut removed: Vec<TaskId> = cache.tasks.keys().copied().collect();
-        removed.sort_unstable();
+        removed.extend(old.map(|gone| gone.task.id));
         cache.tasks = next;
         let digest = super::digest::finish(sum, self.epoch, self.answered);
         let templates: Vec<&Arc<TemplateSnapshot>> = cache
@@ -333,22 +353,40 @@ impl SnapshotMeta {
             &self.evictions,
             self.archived,
         ))?;
+        // The entries pushed since the last snapshot are the queue's last ones
+        // (those of them not evicted yet); the rest are that snapshot's last.
+        let len = self.evictions.len();
+        let added = (self.evictions_pushed.checked_sub(cache.evictions_encoded))
+            .and_then(|n| usize::try_from(n).ok())
+            .map_or(len, |n| n.min(len));
+        cache.evictions_encoded = self.evictions_pushed;
         let mut delta_tail = codec::canonical_bytes(&removed)?;
-        delta_tail.extend_from_slice(&tail);
+        delta_tail.extend(codec::canonical_bytes(&(
+            self.epoch,
+            self.answered,
+            self.clock,
+            self.retention_ms,
+            (len - added) as u64,
+            &self.evictions[len - added..],
+            self.archived,
+        ))?);
         // Templates no task uses any more stay numbered while the cache lives;
         // when they outnumber the used ones, the next snapshot starts afresh.
-        let used: rustc_hash::FxHashSet<usize> =
-            tasks.iter().map(|t| Arc::as_ptr(&t.dag) as usize).collect();
-        cache.stale = cache.templates.len() > 2 * used.len() + 8;
-        let image = |id: &TaskId| cache.tasks.get(id).map(|c| &*c.image);
+        let mut used = vec![false; cache.templates.len()];
+        for c in &cache.tasks {
+            used[c.template as usize] = true;
+        }
+        let used = used.into_iter().filter(|u| *u).count();
+        cache.stale = cache.templates.len() > 2 * used + 8;
+        let tasks = &cache.tasks;
         Ok(EncodedState {
             digest,
             base,
             head,
-            images: tasks.iter().filter_map(|t| image(&t.id)).collect(),
+            images: tasks.iter().map(|c| &*c.image).collect(),
             tail,
             delta_head,
-            changed: changed.iter().filter_map(image).collect(),
+            changed: changed.into_iter().map(|i| &*tasks[i].image).collect(),
             delta_tail,
         })
     }
@@ -403,6 +441,7 @@ impl State {
             clock: self.clock,
             retention_ms: self.retention_ms,
             evictions: self.evictions.iter().copied().collect(),
+            evictions_pushed: self.evictions_pushed,
             archived: self.archived,
         }
     }
