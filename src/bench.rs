@@ -173,6 +173,7 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         "append_batch_records": {"p50": batch.value_at_quantile(0.5), "p99": batch.value_at_quantile(0.99), "max": batch.max()},
         "rss_kib": {"before": rss_before, "after_each_wave": rss_waves, "tasks_in_memory": m.tasks_in_memory.get()},
         "executor_limit": m.executor_limit.get(),
+        "snapshots": {"written": m.snapshots_written.get(), "deltas": m.snapshot_deltas_written.get(), "bytes": m.snapshot_bytes_written.get()},
         "backend": if kafka { "kafka" } else { "file" },
         "broker_ceiling_records_per_s": ceiling,
         "fraction_of_ceiling": ceiling.map(|c| (events as f64 / secs) / c),
@@ -216,6 +217,12 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         rss_before / 1024,
         rss_waves.iter().map(|r| r / 1024).collect::<Vec<_>>(),
         m.tasks_in_memory.get()
+    );
+    println!(
+        "snapshots      {} written while running ({} deltas), {:.1} MiB",
+        m.snapshots_written.get(),
+        m.snapshot_deltas_written.get(),
+        m.snapshot_bytes_written.get() as f64 / (1 << 20) as f64
     );
     engine.shutdown();
     Ok(())

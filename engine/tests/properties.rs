@@ -1311,7 +1311,6 @@ impl<'a> Sim<'a> {
         if written {
             self.snapshot_cache.written(Written {
                 position: Position(at as u64),
-                full_bytes: 0,
                 delta_bytes: 0,
             });
             self.last_snapshot = Some(decoded);

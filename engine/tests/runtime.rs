@@ -212,14 +212,18 @@ fn diamonds_complete_exactly_once(h: Harness) {
         );
     }
     engine.shutdown();
-    // Every snapshot kept (written in the background while the tasks ran, the
-    // last at shutdown) reads back whole and restores to its own digest.
+    // Every snapshot kept (full ones and deltas, written in the background
+    // while the tasks ran and at shutdown) reads back whole and restores to
+    // its own digest.
     let store = SnapshotStore::new(h.dir.path().join("snapshots"));
-    for p in 0..2 {
-        let files = store.list(PartitionId(p));
+    for p in (0..2).map(PartitionId) {
+        let files: Vec<_> = [SnapshotKind::Full, SnapshotKind::Delta]
+            .into_iter()
+            .flat_map(|kind| store.files(p, kind).into_iter().map(move |f| (kind, f)))
+            .collect();
         assert!(files.len() >= 2, "partition {p}: snapshots {files:?}");
-        for (position, path) in files {
-            let file = SnapshotStore::read(&path).unwrap();
+        for (kind, (position, path)) in files {
+            let file = store.load(p, kind, &path).unwrap();
             assert_eq!(file.position, position);
             let state = State::from_snapshot(file.state).expect("a consistent snapshot");
             assert_eq!(state.digest(), file.digest, "{}", path.display());
@@ -287,11 +291,18 @@ fn snapshots_write_deltas_and_a_restart_restores_from_one() {
         wait_terminal(&engine, &wave, Duration::from_secs(30));
         ids.extend(wave);
     }
+    let metrics = Arc::clone(engine.metrics());
     engine.shutdown();
     let p = PartitionId(0);
     let store = SnapshotStore::new(h.dir.path().join("snapshots"));
     let deltas = store.files(p, SnapshotKind::Delta);
     assert!(!deltas.is_empty(), "no delta among {:?}", store.list(p));
+    // The metrics count them (some may have been pruned since).
+    let kept: u64 = (store.list(p).iter().chain(&deltas))
+        .map(|(_, path)| std::fs::metadata(path).unwrap().len())
+        .sum();
+    assert!(metrics.snapshot_deltas_written.get() >= deltas.len() as u64);
+    assert!(metrics.snapshot_bytes_written.get() >= kept);
     let log = h.log();
     // Each delta, applied to its chain, is the fold of the log before it.
     for (position, path) in &deltas {

@@ -175,8 +175,18 @@ pub fn render(state: &AppState) -> String {
     );
     o.counter(
         "tasker_snapshots_written_total",
-        "State snapshots written.",
+        "State snapshots written (full and deltas).",
         m.snapshots_written.get(),
+    );
+    o.counter(
+        "tasker_snapshot_deltas_written_total",
+        "State snapshots written as deltas from the one before.",
+        m.snapshot_deltas_written.get(),
+    );
+    o.counter(
+        "tasker_snapshot_bytes_written_total",
+        "Bytes of state snapshots written.",
+        m.snapshot_bytes_written.get(),
     );
     o.gauge(
         "tasker_executor_in_flight",

@@ -121,6 +121,9 @@ pub struct Metrics {
     pub records_appended: Counter,
     pub records_read: Counter,
     pub snapshots_written: Counter,
+    /// Of them, deltas (the others are full snapshots).
+    pub snapshot_deltas_written: Counter,
+    pub snapshot_bytes_written: Counter,
     rejections: Mutex<BTreeMap<&'static str, u64>>,
     pub append_latency_us: Latency,
     pub append_batch_records: Latency,

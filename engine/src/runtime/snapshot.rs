@@ -10,8 +10,8 @@
 //! Written to a temporary file, fsynced, then renamed. A delta holds only the
 //! tasks changed since its base (finished tasks kept for the retention window
 //! are written once, not at every snapshot); a full snapshot starts a new chain
-//! when the deltas since the last one add up to its size, so a restart reads
-//! at most about twice a full snapshot. The newest three full snapshots and the
+//! when the deltas since the last one add up to the state's size, so a restart
+//! reads at most about twice a full snapshot. The newest three full snapshots and the
 //! deltas after the oldest of them are kept. A damaged file is skipped for an
 //! older snapshot (or a full replay), never trusted.
 
@@ -163,8 +163,10 @@ impl SnapshotStore {
 
     /// Writes an encoded state as the next link of its chain: a delta from the
     /// last one written while the deltas since the chain's full snapshot add up
-    /// to less than it, else a full snapshot, which starts a new chain. Returns
-    /// the file and what the cache records as written.
+    /// to less than the whole state, else a full snapshot, which starts a new
+    /// chain (so a restart reads at most the chain's full snapshot plus about
+    /// one state's worth of deltas). Returns the file and what the cache
+    /// records as written.
     pub fn write_next(
         &self,
         partition: PartitionId,
@@ -172,25 +174,27 @@ impl SnapshotStore {
         chain: HashChain,
         state: &EncodedState<'_>,
     ) -> Result<(PathBuf, Written), SnapshotError> {
-        let size = state.delta_size();
-        match state.base {
-            Some(base) if base.delta_bytes + size <= base.full_bytes => {
+        let delta_bytes = state.base.map(|b| b.delta_bytes + state.delta_size());
+        match (state.base, delta_bytes) {
+            (Some(base), Some(delta_bytes)) if delta_bytes <= state.size() => {
                 let path = self.write_delta(partition, position, chain, base.position, state)?;
-                let next = Written {
-                    position,
-                    delta_bytes: base.delta_bytes + size,
-                    ..base
-                };
-                Ok((path, next))
+                Ok((
+                    path,
+                    Written {
+                        position,
+                        delta_bytes,
+                    },
+                ))
             }
             _ => {
                 let path = self.write_encoded(partition, position, chain, state)?;
-                let next = Written {
-                    position,
-                    full_bytes: state.size(),
-                    delta_bytes: 0,
-                };
-                Ok((path, next))
+                Ok((
+                    path,
+                    Written {
+                        position,
+                        delta_bytes: 0,
+                    },
+                ))
             }
         }
     }

@@ -158,8 +158,7 @@ pub struct SnapshotCache {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Written {
     pub position: Position,
-    /// Bytes of the chain's full snapshot and of its deltas so far.
-    pub full_bytes: u64,
+    /// Bytes of the chain's deltas so far.
     pub delta_bytes: u64,
 }
 

@@ -62,6 +62,12 @@ impl Processor {
         let done = move |written: Result<PathBuf, SnapshotError>| match written {
             Ok(path) => {
                 metrics.snapshots_written.inc();
+                if path.extension().is_some_and(|e| e == "delta") {
+                    metrics.snapshot_deltas_written.inc();
+                }
+                if let Ok(file) = std::fs::metadata(&path) {
+                    metrics.snapshot_bytes_written.add(file.len());
+                }
                 tracing::debug!(%partition, file = %path.display(), "snapshot written");
             }
             Err(e) => tracing::error!(%partition, error = %e, "snapshot failed; will retry"),
