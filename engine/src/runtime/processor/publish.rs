@@ -37,8 +37,9 @@ impl Processor {
 
     /// Snapshots the state if it is exactly the fold of the log read so far. The
     /// tasks come from a persistent map (taking it is O(1)) and are hashed,
-    /// encoded (both only when changed since the last snapshot) and written on a
-    /// background thread; `wait` writes in line.
+    /// encoded (both only when changed since the last snapshot) and written,
+    /// most often as a delta, on a background thread; `wait` (at shutdown)
+    /// writes in line.
     pub(super) fn snapshot(&mut self, wait: bool) {
         let Some(store) = self.snapshots.clone() else {
             return;
@@ -72,44 +73,50 @@ impl Processor {
             }
             Err(e) => tracing::error!(%partition, error = %e, "snapshot failed; will retry"),
         };
-        let meta = self.state.snapshot_meta();
-        if !wait && self.snapshot_tasks.len() != self.state.task_count() {
+        if self.snapshot_tasks.len() != self.state.task_count() {
             tracing::warn!(
                 view = self.snapshot_tasks.len(),
                 state = self.state.task_count(),
-                "view and state disagree; snapshotting in line"
+                "view and state disagree; snapshotting the state in line"
             );
-        }
-        if wait || self.snapshot_tasks.len() != self.state.task_count() {
-            // In line: the whole state, from which the next delta cannot follow.
+            // The whole state, from which the next delta cannot follow.
             self.snapshot_cache.reset_chain();
             done(store.write_state(partition, position, chain, &self.state));
         } else {
+            let meta = self.state.snapshot_meta();
             let tasks = self.snapshot_tasks.clone();
             let mut cache = std::mem::take(&mut self.snapshot_cache);
-            let job = std::thread::Builder::new()
-                .name(format!("tasker-snap{}", partition.0))
-                .spawn(move || {
-                    background_priority();
-                    match meta.encode(tasks.values(), &mut cache) {
-                        Ok(state) => {
-                            let written = store.write_next(partition, position, chain, &state);
-                            drop(state);
-                            if let Ok((_, next)) = &written {
-                                cache.written(*next);
-                            }
-                            done(written.map(|(path, _)| path));
+            let write = move || {
+                match meta.encode(tasks.values(), &mut cache) {
+                    Ok(state) => {
+                        let written = store.write_next(partition, position, chain, &state);
+                        drop(state);
+                        if let Ok((_, next)) = &written {
+                            cache.written(*next);
                         }
-                        Err(e) => {
-                            tracing::error!(%partition, error = %e, "cannot encode a snapshot; will retry")
-                        }
+                        done(written.map(|(path, _)| path));
                     }
-                    cache
-                });
-            match job {
-                Ok(handle) => self.snapshot_job = Some(handle),
-                Err(e) => {
-                    tracing::error!(%partition, error = %e, "cannot start the snapshot thread")
+                    Err(e) => {
+                        tracing::error!(%partition, error = %e, "cannot encode a snapshot; will retry")
+                    }
+                }
+                cache
+            };
+            if wait {
+                // At shutdown, in line: usually a small delta, not the whole state.
+                self.snapshot_cache = write();
+            } else {
+                let job = std::thread::Builder::new()
+                    .name(format!("tasker-snap{}", partition.0))
+                    .spawn(move || {
+                        background_priority();
+                        write()
+                    });
+                match job {
+                    Ok(handle) => self.snapshot_job = Some(handle),
+                    Err(e) => {
+                        tracing::error!(%partition, error = %e, "cannot start the snapshot thread")
+                    }
                 }
             }
         }
