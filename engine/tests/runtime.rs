@@ -272,6 +272,11 @@ fn digest_at(log: &dyn Log, partition: PartitionId, end: Position) -> tasker_eng
 #[test]
 fn snapshots_write_deltas_and_a_restart_restores_from_one() {
     let h = Harness::new(1);
+    // A temporary file a crash left mid-write is cleared by the next snapshot.
+    let partition_dir = h.dir.path().join("snapshots").join("p00000");
+    std::fs::create_dir_all(&partition_dir).unwrap();
+    let torn = partition_dir.join("00000000000000000007.snap.tmp");
+    std::fs::write(&torn, b"torn").unwrap();
     let engine = h.engine();
     // Waves of tasks: once the first ones are finished (and kept for the
     // retention window), a snapshot's changes are a fraction of the state.
@@ -293,6 +298,7 @@ fn snapshots_write_deltas_and_a_restart_restores_from_one() {
     }
     let metrics = Arc::clone(engine.metrics());
     engine.shutdown();
+    assert!(!torn.exists());
     let p = PartitionId(0);
     let store = SnapshotStore::new(h.dir.path().join("snapshots"));
     let deltas = store.files(p, SnapshotKind::Delta);

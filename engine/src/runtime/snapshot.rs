@@ -290,9 +290,20 @@ impl SnapshotStore {
         Ok(path)
     }
 
-    /// Removes full snapshots beyond the newest [`KEEP`], and the deltas no
-    /// kept snapshot starts a chain for.
+    /// Removes full snapshots beyond the newest [`KEEP`], the deltas no kept
+    /// snapshot starts a chain for, and temporary files a crash left behind
+    /// (only this thread writes the partition's snapshots, and its own file
+    /// is renamed by now).
     fn prune(&self, partition: PartitionId) {
+        let leftovers = fs::read_dir(self.partition_dir(partition))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "tmp"));
+        for path in leftovers {
+            let _ = fs::remove_file(path);
+        }
         let full = self.list(partition);
         let Some(oldest_kept) = full.get(full.len().saturating_sub(KEEP)).map(|f| f.0) else {
             return;
