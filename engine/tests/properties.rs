@@ -1311,6 +1311,7 @@ impl<'a> Sim<'a> {
         if written {
             self.snapshot_cache.written(Written {
                 position: Position(at as u64),
+                deltas: 0,
                 delta_bytes: 0,
             });
             self.last_snapshot = Some(decoded);

@@ -10,10 +10,11 @@
 //! Written to a temporary file, fsynced, then renamed. A delta holds only the
 //! tasks changed since its base (finished tasks kept for the retention window
 //! are written once, not at every snapshot); a full snapshot starts a new chain
-//! when the deltas since the last one add up to the state's size, so a restart
-//! reads at most about twice a full snapshot. The newest three full snapshots and the
-//! deltas after the oldest of them are kept. A damaged file is skipped for an
-//! older snapshot (or a full replay), never trusted.
+//! when the deltas since the last one add up to the state's size (or number
+//! 64), so a restart reads at most about twice a full snapshot. The newest
+//! three full snapshots and the deltas after the oldest of them are kept. A
+//! damaged file is skipped for an older snapshot (or a full replay), never
+//! trusted. Temporary files a crash left are removed by the next snapshot.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,9 @@ const DELTA_MAGIC: &[u8; 8] = b"TSKRDLTA";
 const VERSION: u16 = 1;
 const HEADER: usize = 8 + 2 + 4 + 8;
 const KEEP: usize = 3;
+/// Deltas in one chain, at most: a quiet partition's deltas are tiny and would
+/// never add up to the state's size.
+const MAX_DELTAS: u32 = 64;
 
 /// What a snapshot file holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,9 +167,10 @@ impl SnapshotStore {
 
     /// Writes an encoded state as the next link of its chain: a delta from the
     /// last one written while the deltas since the chain's full snapshot add up
-    /// to less than the whole state, else a full snapshot, which starts a new
-    /// chain (so a restart reads at most the chain's full snapshot plus about
-    /// one state's worth of deltas). Returns the file and what the cache
+    /// to less than the whole state (and number fewer than [`MAX_DELTAS`]),
+    /// else a full snapshot, which starts a new chain (so a restart reads at
+    /// most the chain's full snapshot plus about one state's worth of deltas,
+    /// in a bounded number of files). Returns the file and what the cache
     /// records as written.
     pub fn write_next(
         &self,
@@ -174,27 +179,24 @@ impl SnapshotStore {
         chain: HashChain,
         state: &EncodedState<'_>,
     ) -> Result<(PathBuf, Written), SnapshotError> {
-        let delta_bytes = state.base.map(|b| b.delta_bytes + state.delta_size());
-        match (state.base, delta_bytes) {
-            (Some(base), Some(delta_bytes)) if delta_bytes <= state.size() => {
+        match state.base {
+            Some(base) if delta_follows(&base, state.delta_size(), state.size()) => {
                 let path = self.write_delta(partition, position, chain, base.position, state)?;
-                Ok((
-                    path,
-                    Written {
-                        position,
-                        delta_bytes,
-                    },
-                ))
+                let next = Written {
+                    position,
+                    deltas: base.deltas + 1,
+                    delta_bytes: base.delta_bytes + state.delta_size(),
+                };
+                Ok((path, next))
             }
             _ => {
                 let path = self.write_encoded(partition, position, chain, state)?;
-                Ok((
-                    path,
-                    Written {
-                        position,
-                        delta_bytes: 0,
-                    },
-                ))
+                let next = Written {
+                    position,
+                    deltas: 0,
+                    delta_bytes: 0,
+                };
+                Ok((path, next))
             }
         }
     }
@@ -462,6 +464,12 @@ impl SnapshotStore {
     }
 }
 
+/// Whether the next snapshot may be a delta after `base`: the chain's deltas,
+/// this one included, stay within the state's size and [`MAX_DELTAS`].
+fn delta_follows(base: &Written, delta_size: u64, state_size: u64) -> bool {
+    base.deltas < MAX_DELTAS && base.delta_bytes + delta_size <= state_size
+}
+
 /// Reads a file of either kind: header, length and checksum checked, payload
 /// decoded.
 fn read_file<T: serde::de::DeserializeOwned>(
@@ -501,4 +509,23 @@ fn read_file<T: serde::de::DeserializeOwned>(
         return Err(damaged("checksum mismatch".into()));
     }
     codec::from_canonical_bytes(payload).map_err(|e| damaged(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_ends_at_the_state_size_or_the_delta_count() {
+        let base = |deltas, delta_bytes| Written {
+            position: Position(1),
+            deltas,
+            delta_bytes,
+        };
+        assert!(delta_follows(&base(0, 0), 100, 1_000));
+        assert!(delta_follows(&base(5, 900), 100, 1_000));
+        assert!(!delta_follows(&base(5, 901), 100, 1_000));
+        assert!(delta_follows(&base(MAX_DELTAS - 1, 0), 1, 1_000));
+        assert!(!delta_follows(&base(MAX_DELTAS, 0), 1, 1_000));
+    }
 }

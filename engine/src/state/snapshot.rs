@@ -158,7 +158,8 @@ pub struct SnapshotCache {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Written {
     pub position: Position,
-    /// Bytes of the chain's deltas so far.
+    /// The chain's deltas so far, and their bytes.
+    pub deltas: u32,
     pub delta_bytes: u64,
 }
 
