@@ -87,16 +87,15 @@ pub struct StateDelta {
     archived: DigestSum,
 }
 
-impl StateDelta {
-    pub fn changed_count(&self) -> usize {
-        self.changed.len()
-    }
-}
-
 impl StateSnapshot {
-    /// The later snapshot: this one with `delta` applied. `None` if the delta
-    /// does not follow this snapshot (it expects more templates or evictions).
+    /// The later snapshot: this one with `delta` applied. `None` (and this
+    /// snapshot unchanged) if the delta does not follow it: it expects more
+    /// templates or evictions than it has.
     pub fn apply(&mut self, delta: StateDelta) -> Option<()> {
+        let gone = self
+            .evictions
+            .len()
+            .checked_sub(usize::try_from(delta.evictions_kept).ok()?)?;
         if self.templates.len() != delta.templates_from as usize {
             return None;
         }
@@ -112,10 +111,6 @@ impl StateSnapshot {
             tasks.push(changed.next_if(|c| c.id == task.id).unwrap_or(task));
         }
         tasks.extend(changed);
-        let gone = self
-            .evictions
-            .len()
-            .checked_sub(usize::try_from(delta.evictions_kept).ok()?)?;
         self.evictions.drain(..gone);
         self.evictions.extend(delta.evictions_added);
         self.tasks = tasks;
@@ -246,14 +241,6 @@ impl EncodedState<'_> {
 
     pub fn delta_size(&self) -> u64 {
         self.delta_parts().map(|p| p.len() as u64).sum()
-    }
-
-    pub fn task_count(&self) -> usize {
-        self.images.len()
-    }
-
-    pub fn changed_count(&self) -> usize {
-        self.changed.len()
     }
 }
 
