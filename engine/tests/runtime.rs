@@ -217,12 +217,9 @@ fn diamonds_complete_exactly_once(h: Harness) {
     // its own digest.
     let store = SnapshotStore::new(h.dir.path().join("snapshots"));
     for p in (0..2).map(PartitionId) {
-        let files: Vec<_> = [SnapshotKind::Full, SnapshotKind::Delta]
-            .into_iter()
-            .flat_map(|kind| store.files(p, kind).into_iter().map(move |f| (kind, f)))
-            .collect();
+        let files = store.all_files(p);
         assert!(files.len() >= 2, "partition {p}: snapshots {files:?}");
-        for (kind, (position, path)) in files {
+        for (position, kind, path) in files {
             let file = store.load(p, kind, &path).unwrap();
             assert_eq!(file.position, position);
             let state = State::from_snapshot(file.state).expect("a consistent snapshot");

@@ -345,6 +345,20 @@ impl SnapshotStore {
         out
     }
 
+    /// Snapshot files of both kinds, oldest first.
+    pub fn all_files(&self, partition: PartitionId) -> Vec<(Position, SnapshotKind, PathBuf)> {
+        let mut all: Vec<_> = [SnapshotKind::Full, SnapshotKind::Delta]
+            .into_iter()
+            .flat_map(|kind| {
+                self.files(partition, kind)
+                    .into_iter()
+                    .map(move |(position, path)| (position, kind, path))
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
     /// Reads and checks one snapshot file.
     pub fn read(path: &Path) -> Result<SnapshotFile, SnapshotError> {
         read_file(path, SnapshotKind::Full)
@@ -399,7 +413,7 @@ impl SnapshotStore {
             if file.state.apply(delta.delta).is_none() {
                 return Err(SnapshotError::Damaged {
                     path,
-                    reason: "its templates do not follow its base's".into(),
+                    reason: "its templates or evictions do not follow its base's".into(),
                 });
             }
             file.position = delta.position;
@@ -430,18 +444,7 @@ impl SnapshotStore {
     /// The newest snapshot (full, or a delta applied to its chain) that reads
     /// back whole and whose state matches its digest.
     pub fn latest(&self, partition: PartitionId) -> Option<(SnapshotFile, State)> {
-        let mut candidates: Vec<(Position, SnapshotKind, PathBuf)> = self
-            .files(partition, SnapshotKind::Full)
-            .into_iter()
-            .map(|(p, path)| (p, SnapshotKind::Full, path))
-            .chain(
-                self.files(partition, SnapshotKind::Delta)
-                    .into_iter()
-                    .map(|(p, path)| (p, SnapshotKind::Delta, path)),
-            )
-            .collect();
-        candidates.sort();
-        for (_, kind, path) in candidates.into_iter().rev() {
+        for (_, kind, path) in self.all_files(partition).into_iter().rev() {
             match self.load(partition, kind, &path) {
                 Ok(file) if file.partition == partition => {
                     let Some(state) = State::from_snapshot(file.state.clone()) else {
