@@ -417,7 +417,7 @@ fn snapshot_writes(live: &State) {
     for (i, pass) in ["cold", "warm"].into_iter().enumerate() {
         let t = Instant::now();
         let encoded = live
-            .snapshot_meta()
+            .snapshot_meta(&cache)
             .encode(live.tasks_shared(), &mut cache)
             .unwrap();
         let e = t.elapsed();

@@ -1271,7 +1271,7 @@ impl<'a> Sim<'a> {
         // from scratch, and its bytes must decode to this state.
         let encoded = self
             .state
-            .snapshot_meta()
+            .snapshot_meta(&self.snapshot_cache)
             .encode(self.state.tasks_shared(), &mut self.snapshot_cache)
             .unwrap();
         let at = self.log.len();
@@ -1322,7 +1322,7 @@ impl<'a> Sim<'a> {
         let mut cache = SnapshotCache::default();
         let fresh = self
             .state
-            .snapshot_meta()
+            .snapshot_meta(&cache)
             .encode(self.state.tasks_shared(), &mut cache)
             .unwrap();
         assert_eq!(

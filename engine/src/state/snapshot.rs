@@ -58,7 +58,12 @@ pub struct SnapshotMeta {
     answered: Option<Position>,
     clock: Timestamp,
     retention_ms: u64,
-    evictions: Vec<(Timestamp, TaskId)>,
+    /// The eviction queue's length, and its entries pushed since the cache
+    /// the meta was taken for last saw it (the queue's last ones): copying
+    /// the whole queue on the processor's thread cost one entry per task in
+    /// memory at every snapshot.
+    evictions_len: usize,
+    evictions_new: Vec<(Timestamp, TaskId)>,
     evictions_pushed: u64,
     archived: DigestSum,
 }
@@ -141,8 +146,10 @@ pub struct SnapshotCache {
     numbers: FxHashMap<usize, u32>,
     /// How many templates the last encoded snapshot held.
     templates_encoded: u32,
-    /// The eviction queue's pushes so far when the last snapshot was encoded.
-    evictions_encoded: u64,
+    /// The eviction queue as of the last encoded snapshot, and the pushes to
+    /// it so far then (`None`: nothing encoded yet).
+    evictions: VecDeque<(Timestamp, TaskId)>,
+    evictions_encoded: Option<u64>,
     /// The file the cache's contents were written as, once that write succeeded.
     written: Option<Written>,
     /// Too many templates no task uses: start afresh next time.
@@ -179,6 +186,12 @@ impl SnapshotCache {
     /// the next one may be a delta from it.
     pub fn written(&mut self, written: Written) {
         self.written = Some(written);
+    }
+
+    /// The eviction queue's pushes this cache has seen (`None`: it starts
+    /// afresh, so every entry is new to it).
+    fn evictions_seen(&self) -> Option<u64> {
+        self.evictions_encoded.filter(|_| !self.stale)
     }
 
     /// Makes the next snapshot a whole one (another was written meanwhile
@@ -332,29 +345,33 @@ impl SnapshotMeta {
         ))?;
         delta_head.extend(codec::canonical_bytes(&(changed.len() as u64))?);
         cache.templates_encoded = templates.len() as u32;
+        // The queue now: the last snapshot's last entries, then the new ones.
+        let kept = self.evictions_len - self.evictions_new.len();
+        let Some(gone) = cache.evictions.len().checked_sub(kept) else {
+            *cache = SnapshotCache::default();
+            return Err(EncodeError::Bincode(
+                "snapshot scalars taken for another cache".into(),
+            ));
+        };
+        cache.evictions.drain(..gone);
+        cache.evictions.extend(self.evictions_new.iter().copied());
+        cache.evictions_encoded = Some(self.evictions_pushed);
         let tail = codec::canonical_bytes(&(
             self.epoch,
             self.answered,
             self.clock,
             self.retention_ms,
-            &self.evictions,
+            &cache.evictions,
             self.archived,
         ))?;
-        // The entries pushed since the last snapshot are the queue's last ones
-        // (those of them not evicted yet); the rest are that snapshot's last.
-        let len = self.evictions.len();
-        let added = (self.evictions_pushed.checked_sub(cache.evictions_encoded))
-            .and_then(|n| usize::try_from(n).ok())
-            .map_or(len, |n| n.min(len));
-        cache.evictions_encoded = self.evictions_pushed;
         let mut delta_tail = codec::canonical_bytes(&removed)?;
         delta_tail.extend(codec::canonical_bytes(&(
             self.epoch,
             self.answered,
             self.clock,
             self.retention_ms,
-            (len - added) as u64,
-            &self.evictions[len - added..],
+            kept as u64,
+            &self.evictions_new,
             self.archived,
         ))?);
         // Templates no task uses any more stay numbered while the cache lives;
@@ -380,9 +397,10 @@ impl SnapshotMeta {
 }
 
 impl StateSnapshot {
-    /// Builds a snapshot from tasks and scalars (tasks sorted by id, so equal states
-    /// give equal bytes).
-    pub fn from_tasks<'a>(tasks: impl Iterator<Item = &'a TaskState>, meta: SnapshotMeta) -> Self {
+    /// Builds a snapshot from tasks and scalars taken for an empty cache (so
+    /// the queue's new entries are all of it), tasks sorted by id, so equal
+    /// states give equal bytes.
+    fn from_tasks<'a>(tasks: impl Iterator<Item = &'a TaskState>, meta: SnapshotMeta) -> Self {
         let mut templates: Vec<Arc<TemplateSnapshot>> = Vec::new();
         let mut index: FxHashMap<*const Dag, u32> = FxHashMap::default();
         let mut tasks: Vec<&TaskState> = tasks.collect();
@@ -414,20 +432,30 @@ impl StateSnapshot {
             answered: meta.answered,
             clock: meta.clock,
             retention_ms: meta.retention_ms,
-            evictions: meta.evictions,
+            evictions: meta.evictions_new,
             archived: meta.archived,
         }
     }
 }
 
 impl State {
-    pub fn snapshot_meta(&self) -> SnapshotMeta {
+    /// The scalars for a snapshot encoded with `cache` (see
+    /// [`SnapshotMeta::encode`]); taking them copies only the eviction entries
+    /// pushed since the cache last saw the queue.
+    pub fn snapshot_meta(&self, cache: &SnapshotCache) -> SnapshotMeta {
+        // The pushes since are the queue's last ones (those not evicted yet).
+        let len = self.evictions.len();
+        let new = (cache.evictions_seen())
+            .and_then(|seen| self.evictions_pushed.checked_sub(seen))
+            .and_then(|n| usize::try_from(n).ok())
+            .map_or(len, |n| n.min(len));
         SnapshotMeta {
             epoch: self.epoch,
             answered: self.answered,
             clock: self.clock,
             retention_ms: self.retention_ms,
-            evictions: self.evictions.iter().copied().collect(),
+            evictions_len: len,
+            evictions_new: self.evictions.range(len - new..).copied().collect(),
             evictions_pushed: self.evictions_pushed,
             archived: self.archived,
         }
@@ -435,7 +463,8 @@ impl State {
 
     /// The state as a snapshot.
     pub fn to_snapshot(&self) -> StateSnapshot {
-        StateSnapshot::from_tasks(self.tasks(), self.snapshot_meta())
+        let meta = self.snapshot_meta(&SnapshotCache::default());
+        StateSnapshot::from_tasks(self.tasks(), meta)
     }
 
     /// Rebuilds a state from a snapshot; `None` if it is inconsistent (a task names

@@ -83,7 +83,7 @@ impl Processor {
             self.snapshot_cache.reset_chain();
             done(store.write_state(partition, position, chain, &self.state));
         } else {
-            let meta = self.state.snapshot_meta();
+            let meta = self.state.snapshot_meta(&self.snapshot_cache);
             let tasks = self.snapshot_tasks.clone();
             let mut cache = std::mem::take(&mut self.snapshot_cache);
             let write = move || {
