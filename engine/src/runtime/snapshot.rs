@@ -443,19 +443,24 @@ impl SnapshotStore {
 
     /// The newest snapshot (full, or a delta applied to its chain) that reads
     /// back whole and whose state matches its digest.
-    pub fn latest(&self, partition: PartitionId) -> Option<(SnapshotFile, State)> {
+    pub fn latest(&self, partition: PartitionId) -> Option<(Restored, State)> {
         for (_, kind, path) in self.all_files(partition).into_iter().rev() {
             match self.load(partition, kind, &path) {
                 Ok(file) if file.partition == partition => {
-                    let Some(state) = State::from_snapshot(file.state.clone()) else {
+                    let restored = Restored {
+                        position: file.position,
+                        chain: file.chain,
+                        digest: file.digest,
+                    };
+                    let Some(state) = State::from_snapshot(file.state) else {
                         tracing::warn!(file = %path.display(), "snapshot is inconsistent; trying an older one");
                         continue;
                     };
-                    if state.digest() != file.digest {
+                    if state.digest() != restored.digest {
                         tracing::warn!(file = %path.display(), "snapshot digest mismatch; trying an older one");
                         continue;
                     }
-                    return Some((file, state));
+                    return Some((restored, state));
                 }
                 Ok(_) => {
                     tracing::warn!(file = %path.display(), "snapshot of another partition; ignored")
@@ -465,6 +470,14 @@ impl SnapshotStore {
         }
         None
     }
+}
+
+/// Where a restored state stands: the fold of every record before `position`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub position: Position,
+    pub chain: HashChain,
+    pub digest: Digest,
 }
 
 /// Whether the next snapshot may be a delta after `base`: the chain's deltas,
