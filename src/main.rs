@@ -5,6 +5,20 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Transparent huge pages off for the whole process, first thing. mimalloc asks
+/// for 2 MiB pages where the kernel allows it (`madvise`), and faulting, zeroing
+/// and splitting them cost the processor threads 7–20 ms of CPU at a time, a few
+/// times a second while the state grows: p99 at 18,000 diamonds/s was 80–130 ms
+/// with them and 4–7 ms without, at the same peak throughput
+/// (docs/benchmarks.md). Best effort: a kernel without the flag keeps its default.
+#[cfg(target_os = "linux")]
+fn no_huge_pages() {
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
+}
+
+#[cfg(not(target_os = "linux"))]
+fn no_huge_pages() {}
+
 mod api;
 mod audit;
 mod bench;
@@ -35,6 +49,7 @@ use clap::Parser;
 use crate::cli::{AuditCommand, Cli, Command, NewCommand, TemplatesCommand};
 
 fn main() -> ExitCode {
+    no_huge_pages();
     let cli = Cli::parse();
     // Only `run` exports traces; its configuration errors are reported by `run`.
     let telemetry = matches!(cli.command, Command::Run(_))
