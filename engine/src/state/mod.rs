@@ -7,6 +7,7 @@ mod digest;
 mod snapshot;
 mod step;
 mod task;
+mod task_map;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -91,7 +92,7 @@ type TemplateKey = (String, String, String);
 pub struct State {
     /// Shared with the runtime's read views; mutated copy-on-write (`Arc::make_mut`),
     /// so a published view never changes and unchanged tasks are never copied.
-    tasks: FxHashMap<TaskId, Arc<TaskState>>,
+    tasks: task_map::TaskMap<Arc<TaskState>>,
     /// `(namespace, idempotency key)` of tasks still in memory.
     idempotency: FxHashMap<(String, String), TaskId>,
     /// Interned templates, so tasks of one version share one [`Dag`].
@@ -121,7 +122,7 @@ impl State {
     /// An empty partition; final tasks leave memory `retention_ms` after they finish.
     pub fn new(retention_ms: u64) -> Self {
         State {
-            tasks: FxHashMap::default(),
+            tasks: task_map::TaskMap::default(),
             idempotency: FxHashMap::default(),
             templates: FxHashMap::default(),
             epoch: Epoch(0),
