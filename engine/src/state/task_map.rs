@@ -1,8 +1,8 @@
 //! The partition's tasks by id, split over shards so that growing never stops
 //! the processor for long. One hash table doubles by moving every entry at
-//! once: ~11 ms of the processor's thread at 230,000 tasks on the bench machine,
-//! most of a second at the 13.5 M tasks a 15-minute retention keeps at
-//! 15,000 tasks/s. Each shard moves 1/64 of the entries, and the shards cross
+//! once: 11–12 ms of the processor's thread at 230,000 tasks on the bench
+//! machine, ~0.6 s extrapolated to the 13.5 M tasks a 15-minute retention keeps
+//! at 15,000 tasks/s. Each shard moves 1/64 of the entries, and the shards cross
 //! their thresholds at different inserts.
 
 use std::hash::BuildHasher;
