@@ -22,8 +22,14 @@ impl Processor {
         )));
     }
 
+    /// A snapshot is due, and can start: not while the previous one is still
+    /// being written. (New work waits while a due snapshot waits for the log to
+    /// settle; counting one that cannot start made every round wait for its
+    /// append to be durable, without group commit, for as long as a slow
+    /// snapshot ran.)
     pub(super) fn snapshot_due(&self) -> bool {
         self.snapshots.is_some()
+            && self.snapshot_job.as_ref().is_none_or(|j| j.is_finished())
             && self.events_since_snapshot > 0
             && (self.events_since_snapshot >= self.options.snapshot_every_events
                 || self.last_snapshot.elapsed() >= self.options.snapshot_interval)
