@@ -36,7 +36,7 @@ const MAX_DELTAS: u32 = 64;
 
 /// A snapshot is made durable this many bytes at a time while it is written.
 /// Written whole and fsynced at the end, a full snapshot (tens of MiB) queued
-/// on the disk ahead of the log's group commits: appends waited 50–70 ms behind
+/// on the disk ahead of the log's group commits: appends waited up to 180 ms behind
 /// it. In 2 MiB steps an append waits for at most one step (a few ms).
 const PACE_BYTES: u64 = 2 << 20;
 
