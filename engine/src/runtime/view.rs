@@ -94,13 +94,16 @@ impl PartitionView {
 pub(crate) struct TaskTable(DashMap<TaskId, Entry, FxBuildHasher>);
 
 impl Default for TaskTable {
-    /// 64 shards, as the fold's task map (`state::task_map`): a shard doubles by
+    /// As many shards as the fold's task map (`state::task_map`): a shard doubles by
     /// moving all its entries under its write lock, on the processor's thread,
     /// with readers of that shard waiting. dashmap's default (4 per CPU, 8 here)
     /// makes that 1.7 M entries a shard at the 13.5 M tasks a 15-minute
     /// retention keeps at 15,000 tasks/s.
     fn default() -> Self {
-        TaskTable(DashMap::with_hasher_and_shard_amount(FxBuildHasher, 64))
+        TaskTable(DashMap::with_hasher_and_shard_amount(
+            FxBuildHasher,
+            crate::state::TASK_SHARDS,
+        ))
     }
 }
 

@@ -20,6 +20,7 @@ pub use digest::{Digest, DigestSum};
 pub use snapshot::{EncodedState, SnapshotCache, SnapshotMeta, StateDelta, StateSnapshot, Written};
 pub use step::{StepState, StepStatus};
 pub use task::{TaskState, TaskStatus};
+pub(crate) use task_map::SHARDS as TASK_SHARDS;
 
 use crate::record::{
     Body, Control, Envelope, Epoch, Event, Position, StepId, TaskId, TemplateSnapshot, Timestamp,

@@ -9,7 +9,8 @@ use rustc_hash::FxHashMap;
 
 use crate::record::TaskId;
 
-const SHARDS: usize = 64;
+/// Also the readers' task table's shard count (`runtime::view`), for the same reason.
+pub(crate) const SHARDS: usize = 64;
 
 /// A map from task id to `V` with bounded rehash pauses. Iteration order is
 /// unspecified (as a hash map's); nothing that must be deterministic depends on it.

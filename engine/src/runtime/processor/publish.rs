@@ -50,19 +50,13 @@ impl Processor {
         let Some(store) = self.snapshots.clone() else {
             return;
         };
-        // Waiting (at shutdown) includes a snapshot still being written.
-        if wait && let Some(job) = self.snapshot_job.take() {
+        // A running snapshot is never due, so only shutdown finds one still
+        // being written here, and waits for it.
+        if let Some(job) = self.snapshot_job.take() {
             self.join_snapshot(job);
         }
         if !self.settled() || self.events_since_snapshot == 0 {
             return;
-        }
-        if let Some(job) = self.snapshot_job.take() {
-            if !job.is_finished() && !wait {
-                self.snapshot_job = Some(job);
-                return;
-            }
-            self.join_snapshot(job);
         }
         let (partition, position, chain) = (self.partition, self.read_pos, self.chain);
         let metrics = Arc::clone(&self.metrics);
