@@ -30,6 +30,8 @@ pub struct Outcome {
     pub statuses: HashMap<TaskStatus, usize>,
     pub finished: Vec<TaskId>,
     pub offered_rate: Option<f64>,
+    /// How late the paced generator submitted its latest task (`--rate` only).
+    pub max_submit_lag: Duration,
 }
 
 pub struct Driver<'a> {
@@ -69,6 +71,7 @@ impl<'a> Driver<'a> {
                 statuses: HashMap::new(),
                 finished: Vec::with_capacity(total),
                 offered_rate: None,
+                max_submit_lag: Duration::ZERO,
             },
             progress,
         }
@@ -92,10 +95,10 @@ impl<'a> Driver<'a> {
         }
     }
 
-    /// Submits one task, waiting out backpressure.
-    fn submit(&mut self, envelope: Envelope) -> anyhow::Result<()> {
+    /// Submits one task, waiting out backpressure; its latency counts from `start`.
+    fn submit(&mut self, envelope: Envelope, start: Instant) -> anyhow::Result<()> {
         let id = envelope.task_id;
-        self.started.insert(id, Instant::now());
+        self.started.insert(id, start);
         loop {
             match self.engine.submit(envelope.clone()) {
                 Ok(_answer) => return Ok(()),
@@ -121,11 +124,15 @@ impl<'a> Driver<'a> {
         match rate {
             None => {
                 for env in tasks {
-                    self.submit(env)?;
+                    self.submit(env, Instant::now())?;
                 }
             }
             Some(rate) => {
                 // Open-loop pacing: every millisecond, submit whatever is due by now.
+                // Each task's latency counts from when it was due, not from when the
+                // generator got to it, so a generator held up (by the engine's
+                // backpressure or by the scheduler) cannot hide the wait
+                // (coordinated omission).
                 let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
                 let mut next = t0;
                 for env in tasks {
@@ -133,7 +140,9 @@ impl<'a> Driver<'a> {
                         self.collect();
                         std::thread::sleep(Duration::from_millis(1).min(next - Instant::now()));
                     }
-                    self.submit(env)?;
+                    let lag = Instant::now().saturating_duration_since(next);
+                    self.outcome.max_submit_lag = self.outcome.max_submit_lag.max(lag);
+                    self.submit(env, next)?;
                     next += interval;
                 }
                 self.outcome.offered_rate = Some(total as f64 / t0.elapsed().as_secs_f64());
