@@ -4,6 +4,7 @@
 //! it was fenced by a newer owner or the log is corrupt.
 
 mod commit;
+mod discard;
 mod encode;
 mod executor;
 mod ids;

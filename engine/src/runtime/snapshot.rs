@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::discard;
 use crate::codec;
 use crate::record::{PartitionId, Position};
 use crate::state::{Digest, EncodedState, HashChain, State, StateDelta, StateSnapshot, Written};
@@ -351,7 +352,8 @@ impl SnapshotStore {
     /// Removes full snapshots beyond the newest [`KEEP`], the deltas no kept
     /// snapshot starts a chain for, and temporary files a crash left behind
     /// (only this thread writes the partition's snapshots, and its own file
-    /// is renamed by now).
+    /// is renamed by now). Files shrink a step at a time before they go, so the
+    /// device's discard does not hold the log's syncs (see [`discard`]).
     fn prune(&self, partition: PartitionId) {
         let leftovers = fs::read_dir(self.partition_dir(partition))
             .into_iter()
@@ -360,21 +362,21 @@ impl SnapshotStore {
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|e| e == "tmp"));
         for path in leftovers {
-            let _ = fs::remove_file(path);
+            remove(&path);
         }
         let full = self.list(partition);
         let Some(oldest_kept) = full.get(full.len().saturating_sub(KEEP)).map(|f| f.0) else {
             return;
         };
         for (_, path) in full.into_iter().rev().skip(KEEP) {
-            let _ = fs::remove_file(path);
+            remove(&path);
         }
         for (_, path) in self
             .files(partition, SnapshotKind::Delta)
             .into_iter()
             .filter(|d| d.0 < oldest_kept)
         {
-            let _ = fs::remove_file(path);
+            remove(&path);
         }
     }
 
@@ -581,6 +583,18 @@ fn read_file<T: serde::de::DeserializeOwned>(
         return Err(damaged("checksum mismatch".into()));
     }
     codec::from_canonical_bytes(payload).map_err(|e| damaged(e.to_string()))
+}
+
+/// Removes a pruned snapshot file; one that cannot be removed is reported and
+/// tried again at the next prune.
+fn remove(path: &Path) {
+    match discard::remove_gently(path, discard::STEP_BYTES, discard::STEP_PAUSE) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot remove an old snapshot")
+        }
+    }
 }
 
 #[cfg(test)]
