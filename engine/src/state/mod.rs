@@ -4,12 +4,12 @@
 mod chain;
 mod dag;
 mod digest;
+mod fifo;
 mod snapshot;
 mod step;
 mod task;
 mod task_map;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
@@ -103,7 +103,8 @@ pub struct State {
     /// The latest record time seen: the fold's only notion of "now".
     clock: Timestamp,
     retention_ms: u64,
-    evictions: VecDeque<(Timestamp, TaskId)>,
+    /// Finished tasks by finish time; chunked so growing never copies it all.
+    evictions: fifo::ChunkedFifo<(Timestamp, TaskId)>,
     /// Entries ever pushed to `evictions` (a FIFO), so a snapshot delta can say
     /// which are new since the last one.
     evictions_pushed: u64,
@@ -130,7 +131,7 @@ impl State {
             answered: None,
             clock: Timestamp(0),
             retention_ms,
-            evictions: VecDeque::new(),
+            evictions: fifo::ChunkedFifo::default(),
             evictions_pushed: 0,
             archived: DigestSum::default(),
             stats: FoldStats::default(),

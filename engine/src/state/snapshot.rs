@@ -455,7 +455,7 @@ impl State {
             clock: self.clock,
             retention_ms: self.retention_ms,
             evictions_len: len,
-            evictions_new: self.evictions.range(len - new..).copied().collect(),
+            evictions_new: self.evictions.iter_from(len - new).collect(),
             evictions_pushed: self.evictions_pushed,
             archived: self.archived,
         }
@@ -499,7 +499,7 @@ impl State {
         state.epoch = snapshot.epoch;
         state.answered = snapshot.answered;
         state.clock = snapshot.clock;
-        state.evictions = VecDeque::from(snapshot.evictions);
+        state.evictions = snapshot.evictions.into_iter().collect();
         state.archived = snapshot.archived;
         Some(state)
     }
