@@ -26,7 +26,12 @@ use tasker_engine::state::{State, TaskStatus};
 struct Faults {
     disk_full: AtomicBool,
     failing_syncs: AtomicU32,
+    /// The next this many fsyncs each stall for [`STALL`], then succeed.
+    stalling_syncs: AtomicU32,
 }
+
+/// Longer than the engine's slow-append threshold (50 ms).
+const STALL: Duration = Duration::from_millis(120);
 
 impl FaultInjector for Faults {
     fn write(&self, _path: &Path, _offset: u64, len: usize) -> Result<(), InjectedFault> {
@@ -40,6 +45,13 @@ impl FaultInjector for Faults {
     }
 
     fn sync(&self, _path: &Path) -> std::io::Result<()> {
+        if self
+            .stalling_syncs
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            std::thread::sleep(STALL);
+        }
         let left = self.failing_syncs.load(Ordering::SeqCst);
         if left > 0 {
             self.failing_syncs.store(left - 1, Ordering::SeqCst);
@@ -199,6 +211,42 @@ fn a_failing_fsync_stops_the_writer_and_recovery_goes_on_from_disk() {
             "acknowledged task lost"
         );
     }
+}
+
+#[test]
+fn a_stalling_fsync_is_counted_as_a_slow_append_and_the_work_goes_on() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let faults = Arc::new(Faults::default());
+    let engine = engine(open(dir.path(), Some(Arc::clone(&faults)))).unwrap();
+    let first: Vec<TaskId> = (0..5)
+        .map(|_| {
+            let env = request();
+            let id = env.task_id;
+            engine.request_blocking(env).unwrap();
+            id
+        })
+        .collect();
+    wait_complete(&engine, &first);
+    // A real disk may stall too (this machine's has, for up to 200 ms), so
+    // count from here and expect at least the injected two.
+    let before = engine.metrics().slow_appends.get();
+    faults.stalling_syncs.store(2, Ordering::SeqCst);
+    let stalled = Instant::now();
+    let mut later = Vec::new();
+    for _ in 0..5 {
+        let env = request();
+        later.push(env.task_id);
+        assert!(matches!(
+            engine.request_blocking(env).unwrap(),
+            SubmitOutcome::Accepted { .. }
+        ));
+    }
+    wait_complete(&engine, &later);
+    assert!(stalled.elapsed() >= STALL, "the stall was not waited for");
+    assert_eq!(faults.stalling_syncs.load(Ordering::SeqCst), 0);
+    let counted = engine.metrics().slow_appends.get() - before;
+    assert!(counted >= 2, "{counted} slow appends counted for 2 stalls");
+    engine.shutdown();
 }
 
 /// A log with a few completed tasks, and the byte ranges of its batches.

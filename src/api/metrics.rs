@@ -169,6 +169,11 @@ pub fn render(state: &AppState) -> String {
         m.records_appended.get(),
     );
     o.counter(
+        "tasker_log_slow_appends_total",
+        "Log appends (write + fsync) slower than 50 ms.",
+        m.slow_appends.get(),
+    );
+    o.counter(
         "tasker_log_records_read_total",
         "Records read from the log.",
         m.records_read.get(),

@@ -9,7 +9,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::SubmitOutcome;
-use super::metrics::Metrics;
+use super::metrics::{Metrics, SLOW_APPEND};
 use crate::log::{LogError, LogWriter, Record};
 use crate::record::{Position, StepId, TaskId};
 use crate::state::TaskState;
@@ -26,6 +26,9 @@ pub(crate) struct Commit {
     /// Tasks as of this batch (`None`: left memory).
     pub views: Vec<(TaskId, Option<Arc<TaskState>>)>,
 }
+
+/// How often a writer thread may log a slow append.
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct Job {
     records: Vec<Record>,
@@ -47,7 +50,8 @@ impl WriterThread {
     ) -> std::io::Result<WriterThread> {
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let handle = std::thread::Builder::new().name(name).spawn(move || {
+        let handle = std::thread::Builder::new().name(name.clone()).spawn(move || {
+            let mut last_warned: Option<Instant> = None;
             while let Ok(first) = jobs_rx.recv() {
                 let mut end = first.end;
                 let mut records = first.records;
@@ -64,9 +68,22 @@ impl WriterThread {
                             "the exclusive writer ended at {other:?}, expected {end}"
                         ))),
                     });
-                metrics
-                    .append_latency_us
-                    .record(started.elapsed().as_micros() as u64);
+                let took = started.elapsed();
+                metrics.append_latency_us.record(took.as_micros() as u64);
+                if took > SLOW_APPEND {
+                    metrics.slow_appends.inc();
+                    // At most one line per partition per 10 s: a stalling disk
+                    // stalls every append.
+                    if last_warned.is_none_or(|at: Instant| at.elapsed() > WARN_EVERY) {
+                        last_warned = Some(Instant::now());
+                        tracing::warn!(
+                            thread = %name,
+                            records = records.len(),
+                            ms = took.as_millis() as u64,
+                            "a log append (write + fsync) was slow; every task of this partition waited for it (a disk stall when the write itself is small)"
+                        );
+                    }
+                }
                 metrics.append_batch_records.record(records.len() as u64);
                 metrics.records_appended.add(records.len() as u64);
                 let failed = result.is_err();

@@ -100,6 +100,9 @@ impl Latency {
     }
 }
 
+/// An append slower than this is counted in [`Metrics::slow_appends`] and logged.
+pub const SLOW_APPEND: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Everything the engine counts.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -119,6 +122,9 @@ pub struct Metrics {
     /// Events ignored by the fold (fenced writers, anomalies).
     pub ignored_events: Counter,
     pub records_appended: Counter,
+    /// Appends (write + fsync) that took longer than [`SLOW_APPEND`]: every
+    /// task of the partition waited for each.
+    pub slow_appends: Counter,
     pub records_read: Counter,
     pub snapshots_written: Counter,
     /// Of them, deltas (the others are full snapshots).
