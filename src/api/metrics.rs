@@ -170,7 +170,7 @@ pub fn render(state: &AppState) -> String {
     );
     o.counter(
         "tasker_log_slow_appends_total",
-        "Log appends (write + fsync) slower than 50 ms.",
+        "Embedded-log appends (write + fsync) slower than 50 ms.",
         m.slow_appends.get(),
     );
     o.counter(

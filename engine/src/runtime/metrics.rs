@@ -122,8 +122,8 @@ pub struct Metrics {
     /// Events ignored by the fold (fenced writers, anomalies).
     pub ignored_events: Counter,
     pub records_appended: Counter,
-    /// Appends (write + fsync) that took longer than [`SLOW_APPEND`]: every
-    /// task of the partition waited for each.
+    /// Embedded-log appends (write + fsync, on the writer thread) that took
+    /// longer than [`SLOW_APPEND`]: every task of the partition waited for each.
     pub slow_appends: Counter,
     pub records_read: Counter,
     pub snapshots_written: Counter,
