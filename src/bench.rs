@@ -170,7 +170,7 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
             "p99": lat.value_at_quantile(0.99) as f64 / 1000.0,
             "max": lat.max() as f64 / 1000.0,
         },
-        "append_us": {"p50": append.value_at_quantile(0.5), "p99": append.value_at_quantile(0.99), "max": append.max()},
+        "append_us": {"p50": append.value_at_quantile(0.5), "p99": append.value_at_quantile(0.99), "max": append.max(), "slow": m.slow_appends.get()},
         "append_batch_records": {"p50": batch.value_at_quantile(0.5), "p99": batch.value_at_quantile(0.99), "max": batch.max()},
         "rss_kib": {"before": rss_before, "after_each_wave": rss_waves, "tasks_in_memory": m.tasks_in_memory.get()},
         "executor_limit": m.executor_limit.get(),
@@ -209,12 +209,20 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         lat.max() as f64 / 1000.0
     );
     println!(
-        "append         p50 {} µs  p99 {} µs, batch p50 {} / p99 {} records",
+        "append         p50 {} µs  p99 {} µs  max {:.1} ms, batch p50 {} / p99 {} records",
         append.value_at_quantile(0.5),
         append.value_at_quantile(0.99),
+        append.max() as f64 / 1000.0,
         batch.value_at_quantile(0.5),
         batch.value_at_quantile(0.99)
     );
+    if m.slow_appends.get() > 0 {
+        println!(
+            "slow appends   {} over {} ms (write + fsync; each held every task of its partition)",
+            m.slow_appends.get(),
+            tasker_engine::runtime::metrics::SLOW_APPEND.as_millis()
+        );
+    }
     println!(
         "completed      {completed} of {} (last wave)   rss {} MiB before, after each wave: {:?} MiB, {} tasks in memory",
         args.tasks,
