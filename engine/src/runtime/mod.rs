@@ -4,7 +4,6 @@
 //! it was fenced by a newer owner or the log is corrupt.
 
 mod commit;
-mod discard;
 mod encode;
 mod executor;
 mod ids;
@@ -12,6 +11,7 @@ mod limit;
 pub mod metrics;
 #[cfg(feature = "kafka")]
 mod ownership;
+mod pacing;
 mod processor;
 pub mod snapshot;
 mod timers;

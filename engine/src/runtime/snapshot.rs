@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::discard;
+use super::pacing::{self, PACE_BYTES, Paced};
 use crate::codec;
 use crate::record::{PartitionId, Position};
 use crate::state::{Digest, EncodedState, HashChain, State, StateDelta, StateSnapshot, Written};
@@ -34,60 +34,6 @@ const KEEP: usize = 3;
 /// Deltas in one chain, at most: a quiet partition's deltas are tiny and would
 /// never add up to the state's size.
 const MAX_DELTAS: u32 = 64;
-
-/// A snapshot is made durable this many bytes at a time while it is written.
-/// Written whole and fsynced at the end, a full snapshot (tens of MiB) queued
-/// on the disk ahead of the log's group commits: appends waited up to 180 ms behind
-/// it. In 2 MiB steps an append waits for at most one step (a few ms).
-const PACE_BYTES: u64 = 2 << 20;
-
-/// Something whose written data can be made durable.
-trait SyncData {
-    fn sync_data(&mut self) -> std::io::Result<()>;
-}
-
-impl SyncData for fs::File {
-    fn sync_data(&mut self) -> std::io::Result<()> {
-        fs::File::sync_data(self)
-    }
-}
-
-/// Passes writes through and syncs after every `every` bytes.
-struct Paced<W> {
-    inner: W,
-    every: u64,
-    unsynced: u64,
-}
-
-impl<W: std::io::Write + SyncData> Paced<W> {
-    fn new(inner: W, every: u64) -> Self {
-        Paced {
-            inner,
-            every,
-            unsynced: 0,
-        }
-    }
-
-    fn into_inner(self) -> W {
-        self.inner
-    }
-}
-
-impl<W: std::io::Write + SyncData> std::io::Write for Paced<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.unsynced += n as u64;
-        if self.unsynced >= self.every {
-            self.inner.sync_data()?;
-            self.unsynced = 0;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
 
 /// What a snapshot file holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -353,7 +299,7 @@ impl SnapshotStore {
     /// snapshot starts a chain for, and temporary files a crash left behind
     /// (only this thread writes the partition's snapshots, and its own file
     /// is renamed by now). Files shrink a step at a time before they go, so the
-    /// device's discard does not hold the log's syncs (see [`discard`]).
+    /// device's discard does not hold the log's syncs (see [`pacing`]).
     fn prune(&self, partition: PartitionId) {
         let leftovers = fs::read_dir(self.partition_dir(partition))
             .into_iter()
@@ -588,7 +534,7 @@ fn read_file<T: serde::de::DeserializeOwned>(
 /// Removes a pruned snapshot file; one that cannot be removed is reported and
 /// tried again at the next prune.
 fn remove(path: &Path) {
-    match discard::remove_gently(path, discard::STEP_BYTES, discard::STEP_PAUSE) {
+    match pacing::remove_gently(path, pacing::STEP_BYTES, pacing::STEP_PAUSE) {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
@@ -613,55 +559,5 @@ mod tests {
         assert!(!delta_follows(&base(5, 901), 100, 1_000));
         assert!(delta_follows(&base(MAX_DELTAS - 1, 0), 1, 1_000));
         assert!(!delta_follows(&base(MAX_DELTAS, 0), 1, 1_000));
-    }
-
-    /// Records what reached it and where the syncs fell.
-    #[derive(Default)]
-    struct Sink {
-        data: Vec<u8>,
-        synced_at: Vec<usize>,
-    }
-
-    impl std::io::Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.data.extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl SyncData for Sink {
-        fn sync_data(&mut self) -> std::io::Result<()> {
-            self.synced_at.push(self.data.len());
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn a_snapshot_is_synced_in_steps_as_it_is_written() {
-        use std::io::Write;
-        let mut out = std::io::BufWriter::with_capacity(10, Paced::new(Sink::default(), 25));
-        let bytes: Vec<u8> = (0..100u8).collect();
-        for chunk in bytes.chunks(7) {
-            out.write_all(chunk).unwrap_or_else(|e| panic!("{e}"));
-        }
-        let sink = out
-            .into_inner()
-            .unwrap_or_else(|e| panic!("{e}"))
-            .into_inner();
-        assert_eq!(sink.data, bytes, "the bytes pass through unchanged");
-        // A sync after every 25 bytes or more, never more than a write apart.
-        assert_eq!(sink.synced_at.len(), 3, "syncs at {:?}", sink.synced_at);
-        let mut last = 0;
-        for at in &sink.synced_at {
-            assert!(
-                at - last >= 25 && at - last < 25 + 10,
-                "syncs at {:?}",
-                sink.synced_at
-            );
-            last = *at;
-        }
     }
 }
