@@ -2,6 +2,10 @@
 //! latency and queue depth (a gradient limiter, as in Netflix's concurrency-limits):
 //! while work is queued and latency holds steady the limit grows; when latency rises
 //! above its long-run level (a downstream is saturating) the limit shrinks.
+//! Rises of well under a millisecond do not count: for steps that take
+//! microseconds they are the scheduler's jitter, and shrinking on them swung
+//! the limit between its floor and ~300 within 100 ms under load, holding
+//! ready steps back in the processors while the executor had room.
 
 /// The limiter's state. Pure: callers feed it samples.
 #[derive(Debug, Clone)]
@@ -17,6 +21,9 @@ pub struct AdaptiveLimit {
 /// Latency may rise this much over its long-run average before the limit shrinks.
 const TOLERANCE: f64 = 1.5;
 const UPDATE_EVERY: u64 = 8;
+/// Latency changes well under this are scheduling noise, not a saturating
+/// downstream (µs).
+const NOISE_US: f64 = 1_000.0;
 
 impl AdaptiveLimit {
     pub fn new(min: usize, max: usize) -> Self {
@@ -55,7 +62,8 @@ impl AdaptiveLimit {
         if self.long_rtt > self.short_rtt * 2.0 {
             self.long_rtt = 0.95 * self.long_rtt + 0.05 * self.short_rtt;
         }
-        let gradient = (TOLERANCE * self.long_rtt / self.short_rtt).clamp(0.5, 1.0);
+        let gradient =
+            (TOLERANCE * (self.long_rtt + NOISE_US) / (self.short_rtt + NOISE_US)).clamp(0.5, 1.0);
         let headroom = if queued > 0 {
             self.limit.sqrt().max(1.0)
         } else {
@@ -106,5 +114,26 @@ mod tests {
             l.on_sample(1e9, 100);
         }
         assert!(l.current() >= 4);
+    }
+
+    #[test]
+    fn sub_millisecond_jitter_of_fast_steps_does_not_shrink_the_limit() {
+        let mut l = AdaptiveLimit::new(8, 512);
+        for _ in 0..5_000 {
+            l.on_sample(10.0, 10);
+        }
+        assert_eq!(
+            l.current(),
+            512,
+            "fast steps with a queue reach the ceiling"
+        );
+        // The scheduler delays a run of them: 10 µs becomes 400 µs, 40 times over.
+        let lowest = (0..2_000).map(|_| l.on_sample(400.0, 10)).min();
+        assert_eq!(lowest, Some(512), "jitter is not a saturating downstream");
+        // A real slowdown of fast steps (10 µs to 5 ms) still shrinks it.
+        for _ in 0..300 {
+            l.on_sample(5_000.0, 10);
+        }
+        assert!(l.current() < 256, "shrinks: {}", l.current());
     }
 }
