@@ -51,8 +51,10 @@ impl Drop for Children {
     }
 }
 
-fn owned(api: &str) -> Vec<u64> {
-    reqwest::blocking::get(format!("{api}/v1/digests"))
+/// The partitions an engine reports owning; none while its API does not answer.
+fn owned(http: &reqwest::blocking::Client, api: &str) -> Vec<u64> {
+    http.get(format!("{api}/v1/digests"))
+        .send()
         .ok()
         .and_then(|r| r.json::<Vec<serde_json::Value>>().ok())
         .unwrap_or_default()
@@ -106,9 +108,12 @@ pub fn run(
         apis.push(wait_api(&data, children.0.last_mut())?);
     }
     // Wait for the group to spread every partition over the engines.
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let owned: Vec<Vec<u64>> = apis.iter().map(|a| owned(a)).collect();
+        let owned: Vec<Vec<u64>> = apis.iter().map(|a| owned(&http, a)).collect();
         let total: usize = owned.iter().map(Vec::len).sum();
         if total == partitions as usize
             && owned
