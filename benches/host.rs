@@ -1,0 +1,195 @@
+//! Is this machine steady enough for the latency targets? Two probes that run no
+//! Tasker code, so a latency tail in `tasker bench` can be told apart as the
+//! host's:
+//!
+//! - **cpu**: one thread per core repeats a fixed unit of pure arithmetic (~2.5
+//!   ms on a quiet core, calibrated at start; no memory, no syscalls) and times
+//!   each unit. On a steady machine every unit takes about the same time. A unit
+//!   that takes over twice the median ran on a slowed core; units slowed on
+//!   every core at once point at the host (another tenant, a CPU quota), not at
+//!   this machine's own processes.
+//! - **disk**: appends 4 KiB and `fdatasync`s in a loop, in `$TMPDIR` (the bench's
+//!   data directory) or `--dir`, and reports each sync's time.
+//!
+//! ```sh
+//! cargo bench -p tasker --bench host                     # 10 s of each
+//! cargo bench -p tasker --bench host -- --seconds 30 --dir /work/data
+//! ```
+//!
+//! A benchmark, not a test: it reports and asserts nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark program
+
+use std::hint::black_box;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// A unit is slowed when it takes this many times the median.
+const SLOWED: f64 = 2.0;
+/// Slowed units closer than this belong to one episode.
+const EPISODE_GAP: Duration = Duration::from_millis(300);
+
+fn main() {
+    let mut seconds = 10.0_f64;
+    let mut dir = std::env::temp_dir();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--seconds" => {
+                seconds = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--seconds N")
+            }
+            "--dir" => dir = PathBuf::from(args.next().expect("--dir PATH")),
+            "--bench" => {}
+            other => panic!("unknown argument {other}: use --seconds N, --dir PATH"),
+        }
+    }
+    let run = Duration::from_secs_f64(seconds);
+    cpu(run);
+    disk(run, &dir);
+}
+
+/// One unit of work: a linear congruential generator, `n` steps.
+fn unit(n: u64) -> u64 {
+    let mut x = black_box(1u64);
+    for _ in 0..n {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+    }
+    black_box(x)
+}
+
+/// Steps for a unit of ~2.5 ms: the fastest of a few tries, so a slowed
+/// calibration does not shrink the unit.
+fn calibrate() -> u64 {
+    let n = 1_000_000;
+    let best = (0..20)
+        .map(|_| {
+            let t = Instant::now();
+            unit(n);
+            t.elapsed()
+        })
+        .min()
+        .expect("tries");
+    (n as f64 * 2.5e-3 / best.as_secs_f64().max(1e-9)) as u64
+}
+
+fn cpu(run: Duration) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = calibrate();
+    let start = Instant::now();
+    let threads: Vec<_> = (0..cores)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut units = Vec::new();
+                while start.elapsed() < run {
+                    let t = Instant::now();
+                    unit(n);
+                    units.push((t - start, t.elapsed()));
+                }
+                units
+            })
+        })
+        .collect();
+    let per_core: Vec<Vec<(Duration, Duration)>> = threads
+        .into_iter()
+        .map(|t| t.join().expect("core"))
+        .collect();
+    println!("cpu: {cores} cores, fixed units of {n} steps, {run:?}");
+    let mut slowed_starts = Vec::new();
+    for (core, units) in per_core.iter().enumerate() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+        for (_, took) in units {
+            let _ = h.record(took.as_micros().max(1) as u64);
+        }
+        let median = h.value_at_quantile(0.5) as f64;
+        let slowed: Vec<_> = units
+            .iter()
+            .filter(|(_, took)| took.as_micros() as f64 > SLOWED * median)
+            .collect();
+        let lost: Duration = slowed.iter().map(|(_, took)| *took).sum();
+        println!(
+            "  thread {core}: {} units, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} slowed (> {SLOWED}x), {:.1} % of the time in them",
+            units.len(),
+            median / 1e3,
+            h.value_at_quantile(0.99) as f64 / 1e3,
+            h.max() as f64 / 1e3,
+            slowed.len(),
+            100.0 * lost.as_secs_f64() / run.as_secs_f64(),
+        );
+        slowed_starts.push(slowed.iter().map(|(at, _)| *at).collect::<Vec<_>>());
+    }
+    // Episodes on the first thread, and how many of them every thread shared.
+    let episodes = episodes(&slowed_starts[0]);
+    let shared = episodes
+        .iter()
+        .filter(|e| {
+            slowed_starts[1..]
+                .iter()
+                .all(|starts| starts.iter().any(|s| s.abs_diff(**e) < EPISODE_GAP))
+        })
+        .count();
+    let mut gaps: Vec<f64> = episodes
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    let at: Vec<String> = episodes
+        .iter()
+        .take(12)
+        .map(|e| format!("{:.2}", e.as_secs_f64()))
+        .collect();
+    println!(
+        "  slowed episodes on thread 0: {} ({} of them on every thread at once), median {:.2} s apart, starting at {} s",
+        episodes.len(),
+        shared,
+        gaps.get(gaps.len() / 2).copied().unwrap_or(0.0),
+        at.join(", "),
+    );
+}
+
+/// Starts of clusters of slowed units.
+fn episodes(starts: &[Duration]) -> Vec<Duration> {
+    let mut out: Vec<Duration> = Vec::new();
+    let mut last: Option<Duration> = None;
+    for s in starts {
+        if last.is_none_or(|l| *s - l > EPISODE_GAP) {
+            out.push(*s);
+        }
+        last = Some(*s);
+    }
+    out
+}
+
+fn disk(run: Duration, dir: &std::path::Path) {
+    let path = dir.join(format!("tasker-host-probe-{}", std::process::id()));
+    let mut file = std::fs::File::create(&path).expect("probe file");
+    let block = [0x5a_u8; 4096];
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+    let (mut over20, mut over50) = (0, 0);
+    let start = Instant::now();
+    while start.elapsed() < run {
+        file.write_all(&block).expect("write");
+        let t = Instant::now();
+        file.sync_data().expect("fdatasync");
+        let took = t.elapsed();
+        let _ = h.record(took.as_micros().max(1) as u64);
+        over20 += usize::from(took > Duration::from_millis(20));
+        over50 += usize::from(took > Duration::from_millis(50));
+    }
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    println!(
+        "disk: 4 KiB append + fdatasync in {}, {run:?}: {} syncs, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; {over20} over 20 ms, {over50} over 50 ms",
+        dir.display(),
+        h.len(),
+        h.value_at_quantile(0.5) as f64 / 1e3,
+        h.value_at_quantile(0.99) as f64 / 1e3,
+        h.max() as f64 / 1e3,
+    );
+}
