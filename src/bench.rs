@@ -21,6 +21,9 @@ use crate::drive::{self, Driver};
 use crate::failure::WithHint;
 use crate::workloads;
 
+/// The report groups the slowest tasks by when they were due, in windows this long.
+const TAIL_WINDOW: Duration = Duration::from_millis(100);
+
 pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
     let fsync: FsyncPolicy = args
         .fsync
@@ -145,6 +148,11 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
     let append = m.append_latency_us.snapshot();
     let batch = m.append_batch_records.snapshot();
     let lat = &out.latency_us;
+    let tail = drive::tail_bursts(
+        &out.due_and_latency_us,
+        lat.value_at_quantile(0.99),
+        TAIL_WINDOW,
+    );
     let completed = out
         .statuses
         .get(&TaskStatus::Complete)
@@ -173,6 +181,13 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         "append_us": {"p50": append.value_at_quantile(0.5), "p99": append.value_at_quantile(0.99), "max": append.max(), "slow": m.slow_appends.get()},
         "append_batch_records": {"p50": batch.value_at_quantile(0.5), "p99": batch.value_at_quantile(0.99), "max": batch.max()},
         "rss_kib": {"before": rss_before, "after_each_wave": rss_waves, "tasks_in_memory": m.tasks_in_memory.get()},
+        "tail": {
+            "window_ms": tail.window.as_millis(),
+            "windows": tail.windows,
+            "windows_over_p99": tail.windows_in_tail,
+            "bursts_at_s": tail.bursts.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+            "median_gap_s": tail.median_gap.map(|g| g.as_secs_f64()),
+        },
         "executor_limit": m.executor_limit.get(),
         "snapshots": {"written": m.snapshots_written.get(), "deltas": m.snapshot_deltas_written.get(), "bytes": m.snapshot_bytes_written.get()},
         "backend": if kafka { "kafka" } else { "file" },
@@ -216,6 +231,30 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         batch.value_at_quantile(0.5),
         batch.value_at_quantile(0.99)
     );
+    if !tail.bursts.is_empty() {
+        let at: Vec<String> = tail
+            .bursts
+            .iter()
+            .take(8)
+            .map(|b| format!("{:.1}", b.as_secs_f64()))
+            .collect();
+        println!(
+            "tail           tasks over p99 were due in {} of {} {} ms windows, in {} burst(s){} at {}{} s",
+            tail.windows_in_tail,
+            tail.windows,
+            tail.window.as_millis(),
+            tail.bursts.len(),
+            tail.median_gap
+                .map(|g| format!(" ~{:.2} s apart", g.as_secs_f64()))
+                .unwrap_or_default(),
+            at.join(", "),
+            if tail.bursts.len() > at.len() {
+                ", ..."
+            } else {
+                ""
+            },
+        );
+    }
     if m.slow_appends.get() > 0 {
         println!(
             "slow appends   {} over {} ms (write + fsync; each held every task of its partition)",

@@ -32,6 +32,9 @@ pub struct Outcome {
     pub offered_rate: Option<f64>,
     /// How late the paced generator submitted its latest task (`--rate` only).
     pub max_submit_lag: Duration,
+    /// Per finished task: when it was due (submitted, at `--rate`) after the
+    /// run's start, and its latency, both in µs: where in the run the tail is.
+    pub due_and_latency_us: Vec<(u32, u32)>,
 }
 
 pub struct Driver<'a> {
@@ -40,6 +43,7 @@ pub struct Driver<'a> {
     started: HashMap<TaskId, Instant>,
     outcome: Outcome,
     progress: ProgressBar,
+    t0: Instant,
 }
 
 impl<'a> Driver<'a> {
@@ -72,8 +76,10 @@ impl<'a> Driver<'a> {
                 finished: Vec::with_capacity(total),
                 offered_rate: None,
                 max_submit_lag: Duration::ZERO,
+                due_and_latency_us: Vec::with_capacity(total),
             },
             progress,
+            t0: Instant::now(),
         }
     }
 
@@ -85,10 +91,13 @@ impl<'a> Driver<'a> {
 
     fn record(&mut self, id: TaskId, status: TaskStatus, at: Instant) {
         if let Some(start) = self.started.remove(&id) {
-            let _ = self
-                .outcome
-                .latency_us
-                .record(at.saturating_duration_since(start).as_micros().max(1) as u64);
+            let latency = at.saturating_duration_since(start).as_micros().max(1) as u64;
+            let _ = self.outcome.latency_us.record(latency);
+            let due = start.saturating_duration_since(self.t0).as_micros();
+            self.outcome.due_and_latency_us.push((
+                u32::try_from(due).unwrap_or(u32::MAX),
+                u32::try_from(latency).unwrap_or(u32::MAX),
+            ));
             *self.outcome.statuses.entry(status).or_default() += 1;
             self.outcome.finished.push(id);
             self.progress.inc(1);
@@ -121,6 +130,7 @@ impl<'a> Driver<'a> {
     ) -> anyhow::Result<Outcome> {
         let total = tasks.len();
         let t0 = Instant::now();
+        self.t0 = t0;
         match rate {
             None => {
                 for env in tasks {
@@ -169,6 +179,59 @@ impl<'a> Driver<'a> {
     }
 }
 
+/// Where a run's slowest tasks were due: in steady noise, or in bursts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TailBursts {
+    pub window: Duration,
+    pub windows: usize,
+    /// Windows holding at least one task slower than the threshold.
+    pub windows_in_tail: usize,
+    /// Starts of runs of such windows (closer than [`BURST_GAP`] join one burst).
+    pub bursts: Vec<Duration>,
+    pub median_gap: Option<Duration>,
+}
+
+/// Tail windows closer than this belong to one burst.
+pub const BURST_GAP: Duration = Duration::from_millis(300);
+
+/// Groups the tasks slower than `threshold_us` by when they were due. Bursts at
+/// a steady period point at something periodic, such as a host that slows its
+/// cores (`cargo bench --bench host`); a tail spread over the whole run points
+/// at steady overload.
+pub fn tail_bursts(samples: &[(u32, u32)], threshold_us: u64, window: Duration) -> TailBursts {
+    let width = window.as_micros().max(1) as u64;
+    let last = samples
+        .iter()
+        .map(|(due, _)| u64::from(*due))
+        .max()
+        .unwrap_or(0);
+    let windows = (last / width + 1) as usize;
+    let mut in_tail = vec![false; windows];
+    for (due, latency) in samples {
+        if u64::from(*latency) > threshold_us {
+            in_tail[(u64::from(*due) / width) as usize] = true;
+        }
+    }
+    let at = |i: usize| Duration::from_micros(i as u64 * width);
+    let mut bursts: Vec<Duration> = Vec::new();
+    let mut previous: Option<usize> = None;
+    for (i, _) in in_tail.iter().enumerate().filter(|(_, t)| **t) {
+        if previous.is_none_or(|p| at(i) - at(p) > BURST_GAP) {
+            bursts.push(at(i));
+        }
+        previous = Some(i);
+    }
+    let mut gaps: Vec<Duration> = bursts.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort();
+    TailBursts {
+        window,
+        windows,
+        windows_in_tail: in_tail.iter().filter(|t| **t).count(),
+        median_gap: gaps.get(gaps.len() / 2).copied(),
+        bursts,
+    }
+}
+
 /// Resident set size of this process in KiB.
 pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -180,4 +243,32 @@ pub fn rss_kib() -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_tasks_due_close_together_form_one_burst_and_bursts_are_spaced() {
+        let ms = |v: u32| v * 1000;
+        let mut samples: Vec<(u32, u32)> = (0..3000).map(|i| (ms(i), 500)).collect();
+        // Two bursts: tasks due at 1.00-1.25 s and 2.50-2.55 s were slow.
+        for s in samples.iter_mut() {
+            if (1000..1250).contains(&(s.0 / 1000)) || (2500..2550).contains(&(s.0 / 1000)) {
+                s.1 = ms(80);
+            }
+        }
+        let t = tail_bursts(&samples, 20_000, Duration::from_millis(100));
+        assert_eq!(t.windows, 30);
+        assert_eq!(t.windows_in_tail, 4);
+        assert_eq!(
+            t.bursts,
+            vec![Duration::from_millis(1000), Duration::from_millis(2500)]
+        );
+        assert_eq!(t.median_gap, Some(Duration::from_millis(1500)));
+        let none = tail_bursts(&samples, 100_000, Duration::from_millis(100));
+        assert_eq!((none.windows_in_tail, none.bursts.len()), (0, 0));
+        assert_eq!(none.median_gap, None);
+    }
 }
