@@ -16,7 +16,9 @@
 //! cargo bench -p tasker --bench host -- --seconds 30 --dir /work/data
 //! ```
 //!
-//! A benchmark, not a test: it reports and asserts nothing.
+//! Run it with nothing else busy: another process on the cores slows the units
+//! too (and `perf record -a` alongside tells whether anything else ran). A
+//! benchmark, not a test: it reports and asserts nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark program
 
 use std::hint::black_box;
