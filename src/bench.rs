@@ -148,11 +148,14 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
     let append = m.append_latency_us.snapshot();
     let batch = m.append_batch_records.snapshot();
     let lat = &out.latency_us;
-    let tail = drive::tail_bursts(
-        &out.due_and_latency_us,
-        lat.value_at_quantile(0.99),
-        TAIL_WINDOW,
-    );
+    // Only paced runs have due times spread over the run.
+    let tail = out.offered_rate.map(|_| {
+        drive::tail_bursts(
+            &out.due_and_latency_us,
+            lat.value_at_quantile(0.99),
+            TAIL_WINDOW,
+        )
+    });
     let completed = out
         .statuses
         .get(&TaskStatus::Complete)
@@ -181,13 +184,13 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         "append_us": {"p50": append.value_at_quantile(0.5), "p99": append.value_at_quantile(0.99), "max": append.max(), "slow": m.slow_appends.get()},
         "append_batch_records": {"p50": batch.value_at_quantile(0.5), "p99": batch.value_at_quantile(0.99), "max": batch.max()},
         "rss_kib": {"before": rss_before, "after_each_wave": rss_waves, "tasks_in_memory": m.tasks_in_memory.get()},
-        "tail": {
+        "tail": tail.as_ref().map(|tail| json!({
             "window_ms": tail.window.as_millis(),
             "windows": tail.windows,
             "windows_over_p99": tail.windows_in_tail,
             "bursts_at_s": tail.bursts.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
             "median_gap_s": tail.median_gap.map(|g| g.as_secs_f64()),
-        },
+        })),
         "executor_limit": m.executor_limit.get(),
         "snapshots": {"written": m.snapshots_written.get(), "deltas": m.snapshot_deltas_written.get(), "bytes": m.snapshot_bytes_written.get()},
         "backend": if kafka { "kafka" } else { "file" },
@@ -231,7 +234,7 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         batch.value_at_quantile(0.5),
         batch.value_at_quantile(0.99)
     );
-    if !tail.bursts.is_empty() {
+    if let Some(tail) = tail.filter(|t| !t.bursts.is_empty()) {
         let at: Vec<String> = tail
             .bursts
             .iter()
