@@ -30,8 +30,8 @@ use hdrhistogram::Histogram;
 
 /// A unit is slowed when it takes this many times the median.
 const SLOWED: f64 = 2.0;
-/// Slowed units closer than this belong to one episode.
-const EPISODE_GAP: Duration = Duration::from_millis(300);
+#[path = "../src/bursts.rs"]
+mod bursts;
 
 fn main() {
     let mut seconds = 10.0_f64;
@@ -127,45 +127,29 @@ fn cpu(run: Duration) {
         slowed_starts.push(slowed.iter().map(|(at, _)| *at).collect::<Vec<_>>());
     }
     // Episodes on the first thread, and how many of them every thread shared.
-    let episodes = episodes(&slowed_starts[0]);
+    let episodes = bursts::bursts(slowed_starts[0].iter().copied());
     let shared = episodes
+        .starts
         .iter()
         .filter(|e| {
             slowed_starts[1..]
                 .iter()
-                .all(|starts| starts.iter().any(|s| s.abs_diff(**e) < EPISODE_GAP))
+                .all(|starts| starts.iter().any(|s| s.abs_diff(**e) < bursts::BURST_GAP))
         })
         .count();
-    let mut gaps: Vec<f64> = episodes
-        .windows(2)
-        .map(|w| (w[1] - w[0]).as_secs_f64())
-        .collect();
-    gaps.sort_by(f64::total_cmp);
     let at: Vec<String> = episodes
+        .starts
         .iter()
         .take(12)
         .map(|e| format!("{:.2}", e.as_secs_f64()))
         .collect();
     println!(
         "  slowed episodes on thread 0: {} ({} of them on every thread at once), median {:.2} s apart, starting at {} s",
-        episodes.len(),
+        episodes.starts.len(),
         shared,
-        gaps.get(gaps.len() / 2).copied().unwrap_or(0.0),
+        episodes.median_gap.unwrap_or_default().as_secs_f64(),
         at.join(", "),
     );
-}
-
-/// Starts of clusters of slowed units.
-fn episodes(starts: &[Duration]) -> Vec<Duration> {
-    let mut out: Vec<Duration> = Vec::new();
-    let mut last: Option<Duration> = None;
-    for s in starts {
-        if last.is_none_or(|l| *s - l > EPISODE_GAP) {
-            out.push(*s);
-        }
-        last = Some(*s);
-    }
-    out
 }
 
 fn disk(run: Duration, dir: &std::path::Path) {

@@ -188,8 +188,8 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
             "window_ms": tail.window.as_millis(),
             "windows": tail.windows,
             "windows_over_p99": tail.windows_in_tail,
-            "bursts_at_s": tail.bursts.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
-            "median_gap_s": tail.median_gap.map(|g| g.as_secs_f64()),
+            "bursts_at_s": tail.bursts.starts.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+            "median_gap_s": tail.bursts.median_gap.map(|g| g.as_secs_f64()),
         })),
         "executor_limit": m.executor_limit.get(),
         "snapshots": {"written": m.snapshots_written.get(), "deltas": m.snapshot_deltas_written.get(), "bytes": m.snapshot_bytes_written.get()},
@@ -234,9 +234,10 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         batch.value_at_quantile(0.5),
         batch.value_at_quantile(0.99)
     );
-    if let Some(tail) = tail.filter(|t| !t.bursts.is_empty()) {
+    if let Some(tail) = tail.filter(|t| !t.bursts.starts.is_empty()) {
         let at: Vec<String> = tail
             .bursts
+            .starts
             .iter()
             .take(8)
             .map(|b| format!("{:.1}", b.as_secs_f64()))
@@ -246,12 +247,13 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
             tail.windows_in_tail,
             tail.windows,
             tail.window.as_millis(),
-            tail.bursts.len(),
-            tail.median_gap
+            tail.bursts.starts.len(),
+            tail.bursts
+                .median_gap
                 .map(|g| format!(" ~{:.2} s apart", g.as_secs_f64()))
                 .unwrap_or_default(),
             at.join(", "),
-            if tail.bursts.len() > at.len() {
+            if tail.bursts.starts.len() > at.len() {
                 ", ..."
             } else {
                 ""

@@ -12,6 +12,8 @@ use tasker_engine::record::{Envelope, TaskId};
 use tasker_engine::runtime::{Engine, SubmitError, TaskObserver};
 use tasker_engine::state::{TaskState, TaskStatus};
 
+use crate::bursts::{self, Bursts};
+
 /// Sends every finished task's id and status, with the time it was seen.
 pub fn observer() -> (TaskObserver, Receiver<(TaskId, TaskStatus, Instant)>) {
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -186,13 +188,9 @@ pub struct TailBursts {
     pub windows: usize,
     /// Windows holding at least one task slower than the threshold.
     pub windows_in_tail: usize,
-    /// Starts of runs of such windows (closer than [`BURST_GAP`] join one burst).
-    pub bursts: Vec<Duration>,
-    pub median_gap: Option<Duration>,
+    /// Runs of such windows (closer than [`bursts::BURST_GAP`] join one burst).
+    pub bursts: Bursts,
 }
-
-/// Tail windows closer than this belong to one burst.
-pub const BURST_GAP: Duration = Duration::from_millis(300);
 
 /// Groups the tasks slower than `threshold_us` by when they were due. Bursts at
 /// a steady period point at something periodic, such as a host that slows its
@@ -212,23 +210,16 @@ pub fn tail_bursts(samples: &[(u32, u32)], threshold_us: u64, window: Duration) 
             in_tail[(u64::from(*due) / width) as usize] = true;
         }
     }
-    let at = |i: usize| Duration::from_micros(i as u64 * width);
-    let mut bursts: Vec<Duration> = Vec::new();
-    let mut previous: Option<usize> = None;
-    for (i, _) in in_tail.iter().enumerate().filter(|(_, t)| **t) {
-        if previous.is_none_or(|p| at(i) - at(p) > BURST_GAP) {
-            bursts.push(at(i));
-        }
-        previous = Some(i);
-    }
-    let mut gaps: Vec<Duration> = bursts.windows(2).map(|w| w[1] - w[0]).collect();
-    gaps.sort();
+    let tail_windows = in_tail
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| **t)
+        .map(|(i, _)| Duration::from_micros(i as u64 * width));
     TailBursts {
         window,
         windows,
         windows_in_tail: in_tail.iter().filter(|t| **t).count(),
-        median_gap: gaps.get(gaps.len() / 2).copied(),
-        bursts,
+        bursts: bursts::bursts(tail_windows),
     }
 }
 
@@ -263,12 +254,12 @@ mod tests {
         assert_eq!(t.windows, 30);
         assert_eq!(t.windows_in_tail, 4);
         assert_eq!(
-            t.bursts,
+            t.bursts.starts,
             vec![Duration::from_millis(1000), Duration::from_millis(2500)]
         );
-        assert_eq!(t.median_gap, Some(Duration::from_millis(1500)));
+        assert_eq!(t.bursts.median_gap, Some(Duration::from_millis(1500)));
         let none = tail_bursts(&samples, 100_000, Duration::from_millis(100));
-        assert_eq!((none.windows_in_tail, none.bursts.len()), (0, 0));
-        assert_eq!(none.median_gap, None);
+        assert_eq!((none.windows_in_tail, none.bursts.starts.len()), (0, 0));
+        assert_eq!(none.bursts.median_gap, None);
     }
 }

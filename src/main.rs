@@ -22,6 +22,7 @@ fn no_huge_pages() {}
 mod api;
 mod audit;
 mod bench;
+mod bursts;
 mod cli;
 mod client;
 mod commands;
