@@ -8,8 +8,11 @@
 //!   that takes over twice the median ran on a slowed core; units slowed on
 //!   every core at once point at the host (another tenant, a CPU quota), not at
 //!   this machine's own processes.
-//! - **disk**: appends 4 KiB and `fdatasync`s in a loop, in `$TMPDIR` (the bench's
-//!   data directory) or `--dir`, and reports each sync's time.
+//! - **disk**: two threads (like two partitions) write 4 KiB and `fdatasync` in
+//!   a loop, in `$TMPDIR` (the bench's data directory) or `--dir`, and report
+//!   each sync's time: first appending (the file grows, so every sync also
+//!   commits the file system's journal), then overwriting files zeroed
+//!   beforehand (the sync flushes data only), as the log's segments are written.
 //!
 //! ```sh
 //! cargo bench -p tasker --bench host                     # 10 s of each
@@ -152,30 +155,73 @@ fn cpu(run: Duration) {
     );
 }
 
+/// Where each sync's write lands: past the end of the file (its size changes,
+/// so `fdatasync` commits the file-system journal) or inside a file written
+/// full of zeros beforehand (only the data is flushed).
+#[derive(Clone, Copy, Debug)]
+enum Writes {
+    Append,
+    Overwrite,
+}
+
+/// Bytes each probe thread preallocates in overwrite mode; it wraps around.
+const PREALLOCATED: u64 = 64 << 20;
+
 fn disk(run: Duration, dir: &std::path::Path) {
-    let path = dir.join(format!("tasker-host-probe-{}", std::process::id()));
-    let mut file = std::fs::File::create(&path).expect("probe file");
+    for writes in [Writes::Append, Writes::Overwrite] {
+        let threads: Vec<_> = (0..2)
+            .map(|i| {
+                let path = dir.join(format!("tasker-host-probe-{}-{i}", std::process::id()));
+                std::thread::spawn(move || syncs(run, &path, writes))
+            })
+            .collect();
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+        for t in threads {
+            h.add(t.join().expect("disk thread")).expect("merge");
+        }
+        let over = |ms: u64| h.count_between(ms * 1000 + 1, h.max().max(ms * 1000 + 1));
+        println!(
+            "disk: 4 KiB {writes:?} + fdatasync, 2 threads, in {}, {run:?}: {} syncs, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; {} over 20 ms, {} over 50 ms",
+            dir.display(),
+            h.len(),
+            h.value_at_quantile(0.5) as f64 / 1e3,
+            h.value_at_quantile(0.99) as f64 / 1e3,
+            h.max() as f64 / 1e3,
+            over(20),
+            over(50),
+        );
+    }
+}
+
+fn syncs(run: Duration, path: &std::path::Path, writes: Writes) -> Histogram<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::create(path).expect("probe file");
+    if let Writes::Overwrite = writes {
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..PREALLOCATED >> 20 {
+            file.write_all(&zeros).expect("preallocate");
+        }
+        file.sync_all().expect("sync preallocated");
+        file.seek(SeekFrom::Start(0)).expect("seek");
+    }
     let block = [0x5a_u8; 4096];
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-    let (mut over20, mut over50) = (0, 0);
+    let mut at = 0u64;
     let start = Instant::now();
     while start.elapsed() < run {
+        if let Writes::Overwrite = writes
+            && at == PREALLOCATED
+        {
+            file.seek(SeekFrom::Start(0)).expect("seek");
+            at = 0;
+        }
         file.write_all(&block).expect("write");
+        at += block.len() as u64;
         let t = Instant::now();
         file.sync_data().expect("fdatasync");
-        let took = t.elapsed();
-        let _ = h.record(took.as_micros().max(1) as u64);
-        over20 += usize::from(took > Duration::from_millis(20));
-        over50 += usize::from(took > Duration::from_millis(50));
+        let _ = h.record(t.elapsed().as_micros().max(1) as u64);
     }
     drop(file);
-    let _ = std::fs::remove_file(&path);
-    println!(
-        "disk: 4 KiB append + fdatasync in {}, {run:?}: {} syncs, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; {over20} over 20 ms, {over50} over 50 ms",
-        dir.display(),
-        h.len(),
-        h.value_at_quantile(0.5) as f64 / 1e3,
-        h.value_at_quantile(0.99) as f64 / 1e3,
-        h.max() as f64 / 1e3,
-    );
+    let _ = std::fs::remove_file(path);
+    h
 }
