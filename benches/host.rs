@@ -11,8 +11,10 @@
 //! - **disk**: two threads (like two partitions) write 4 KiB and `fdatasync` in
 //!   a loop, in `$TMPDIR` (the bench's data directory) or `--dir`, and report
 //!   each sync's time: first appending (the file grows, so every sync also
-//!   commits the file system's journal), then overwriting files zeroed
-//!   beforehand (the sync flushes data only), as the log's segments are written.
+//!   commits the file system's journal), as the log does, then overwriting
+//!   files zeroed beforehand (the sync flushes data only), which is what
+//!   preallocating segments would save (docs/benchmarks.md: not enough to pay
+//!   for itself on this VM).
 //!
 //! ```sh
 //! cargo bench -p tasker --bench host                     # 10 s of each

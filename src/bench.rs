@@ -80,7 +80,7 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
             FileLogConfig {
                 partitions: args.partitions,
                 fsync,
-                preallocate: setup.config.log.preallocate,
+                segment_bytes: setup.config.log.segment_bytes,
                 ..FileLogConfig::default()
             },
         )?)
@@ -118,17 +118,12 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
     let steps = snapshot.steps.len();
     if !cli.json {
         eprintln!(
-            "bench: {} x {} ({} steps), {} partitions, fsync={}{}, {}",
+            "bench: {} x {} ({} steps), {} partitions, fsync={}, {}",
             args.tasks,
             snapshot.qualified_name(),
             steps,
             args.partitions,
             args.fsync,
-            if !kafka && setup.config.log.preallocate {
-                ", preallocated"
-            } else {
-                ""
-            },
             args.rate
                 .map(|r| format!("offered at {r}/s"))
                 .unwrap_or_else(|| "all at once".into())
@@ -173,7 +168,6 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         "tasks": args.tasks,
         "partitions": args.partitions,
         "fsync": args.fsync,
-        "preallocate": setup.config.log.preallocate,
         "offered_rate": out.offered_rate,
         "submit_lag_ms": out.offered_rate.map(|_| out.max_submit_lag.as_secs_f64() * 1000.0),
         "elapsed_s": secs,

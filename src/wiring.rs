@@ -47,7 +47,6 @@ impl Setup {
                         partitions: self.config.log.partitions,
                         segment_bytes: self.config.log.segment_bytes,
                         fsync: self.resolved.fsync,
-                        preallocate: self.config.log.preallocate,
                         faults: None,
                     },
                 )

@@ -111,9 +111,6 @@ pub struct LogConfig {
     /// `batch` (group commit, default), `always`, `interval:<duration>`, `never`.
     pub fsync: String,
     pub segment_bytes: u64,
-    /// Zero-fill the next segment ahead of time so appends overwrite instead of
-    /// extending the file (cheaper, steadier fsyncs on ext4/xfs).
-    pub preallocate: bool,
     /// The Kafka topic (and the embedded log's name in messages).
     pub topic: String,
 }
@@ -358,7 +355,6 @@ impl Default for LogConfig {
             partitions: 4,
             fsync: "batch".into(),
             segment_bytes: 64 * 1024 * 1024,
-            preallocate: true,
             topic: "tasker.log".into(),
         }
     }

@@ -13,7 +13,6 @@ use crate::log::file::format::{
     FRAME_MAGIC, FrameCheck, SEGMENT_HEADER_LEN, check_frame, decode_frame, decode_segment_header,
 };
 use crate::log::file::segment::{list_segments, partition_dir, read_index, segment_path};
-use crate::log::file::{is_zero, torn_over_zeros};
 use crate::record::{PartitionId, Position};
 
 /// A structural problem in the files.
@@ -94,9 +93,6 @@ pub(crate) fn scan_partition(
         let mut off = SEGMENT_HEADER_LEN;
         let mut records = 0u64;
         while off < data.len() {
-            if last && data[off] == 0 && is_zero(&data[off..]) {
-                break; // space preallocated for the writer's next appends
-            }
             match check_frame(&data[off..]) {
                 FrameCheck::Valid {
                     total,
@@ -135,19 +131,6 @@ pub(crate) fn scan_partition(
                                  (a changed length, or damage)"
                                     .into()
                             },
-                        )
-                    });
-                    return Ok(out);
-                }
-                FrameCheck::Invalid(_) if last && torn_over_zeros(&data, off) => {
-                    out.findings.push(RawFinding {
-                        error: false,
-                        ..finding(
-                            base + records,
-                            off as u64,
-                            "the log ends in a batch torn over preallocated zeros (a crash; \
-                             the next writer truncates it)"
-                                .into(),
                         )
                     });
                     return Ok(out);

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 pub use format::{FRAME_HEADER_LEN, SEGMENT_HEADER_LEN};
 pub use reader::FileReader;
 pub use scan::{Damage, Recovery, ScanResult, recovery, scan};
-pub(crate) use scan::{is_zero, torn_over_zeros};
 pub use writer::FileWriter;
 
 use super::{Log, LogError, LogReader, LogWriter};
@@ -62,11 +61,6 @@ pub struct FileLogConfig {
     /// A segment is sealed and a new one started once it reaches this size.
     pub segment_bytes: u64,
     pub fsync: FsyncPolicy,
-    /// Append into segments zero-filled ahead of time (see
-    /// `segment::prepare_spare`): cheaper, steadier fsyncs for up to two
-    /// segments' worth of disk per partition (the active one's unused tail and
-    /// the spare).
-    pub preallocate: bool,
     /// Test seam: consulted before every segment write and fsync.
     pub faults: Option<Arc<dyn FaultInjector>>,
 }
@@ -77,7 +71,6 @@ impl Default for FileLogConfig {
             partitions: 1,
             segment_bytes: 64 * 1024 * 1024,
             fsync: FsyncPolicy::Batch,
-            preallocate: true,
             faults: None,
         }
     }
@@ -114,9 +107,6 @@ struct SharedState {
     /// Records below this position are durable per the fsync policy.
     end: u64,
     writer_active: bool,
-    /// The active segment's base and the bytes of whole batches in it, so
-    /// readers never read into its preallocated zeros.
-    segment: (u64, u64),
 }
 
 impl Shared {
@@ -126,21 +116,10 @@ impl Shared {
         s.writer_active.then_some(s.end)
     }
 
-    /// How many bytes of the segment at `base` hold whole batches, when a writer
-    /// in this process is appending to it.
-    fn readable_bytes(&self, base: u64) -> Option<u64> {
-        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        (s.writer_active && s.segment.0 == base).then_some(s.segment.1)
-    }
-
-    /// `segment` is the active segment's (base, bytes) while a writer is active.
-    fn publish(&self, end: u64, segment: Option<(u64, u64)>) {
+    fn publish(&self, end: u64, writer_active: bool) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.end = end;
-        s.writer_active = segment.is_some();
-        if let Some(segment) = segment {
-            s.segment = segment;
-        }
+        s.writer_active = writer_active;
         self.appended.notify_all();
     }
 
@@ -223,7 +202,6 @@ impl FileLog {
                     state: Mutex::new(SharedState {
                         end: 0,
                         writer_active: false,
-                        segment: (0, 0),
                     }),
                     appended: Condvar::new(),
                 })

@@ -38,9 +38,6 @@ struct OpenSegment {
     offset: u64,
     buf: BytesMut,
     eof: bool,
-    /// `buf` was read after the last frame check that failed: an invalid frame
-    /// in it is really there, not zeros read before the writer overwrote them.
-    fresh: bool,
 }
 
 impl FileReader {
@@ -96,7 +93,6 @@ impl FileReader {
             offset,
             buf: BytesMut::new(),
             eof: false,
-            fresh: false,
         });
         Ok(true)
     }
@@ -131,7 +127,6 @@ impl FileReader {
             };
             match check_frame(&seg.buf) {
                 FrameCheck::Valid { total, .. } => {
-                    seg.fresh = false;
                     let frame = seg.buf.split_to(total).freeze();
                     seg.offset += total as u64;
                     if self.next >= self.skip_to {
@@ -143,7 +138,7 @@ impl FileReader {
                     self.next += 1;
                 }
                 FrameCheck::Incomplete => {
-                    if !seg.eof && fill(seg, &self.shared)? {
+                    if !seg.eof && fill(seg)? {
                         continue;
                     }
                     seg.eof = false; // look again on the next poll
@@ -156,31 +151,13 @@ impl FileReader {
                     return Ok(());
                 }
                 FrameCheck::Invalid(reason) => {
-                    // Whether a later segment exists, asked before reading again:
-                    // the writer cuts a segment's preallocated zeros before it
-                    // starts the next one.
                     let sealed = list_segments(&self.shared.dir)?
                         .last()
                         .is_some_and(|&b| b > seg.base);
-                    if !seg.fresh {
-                        // The bytes may be preallocated zeros read before the
-                        // writer overwrote them (or cut them off): read again.
-                        refill(seg, &self.shared)?;
-                        continue;
-                    }
-                    let zeros = seg.buf[0] == 0;
-                    // Zeros in the active segment are where its writer will append
-                    // next; look again on the next poll. A damaged tail followed by
-                    // zeros is judged by the writer's recovery, which reads it all.
-                    seg.fresh = false;
-                    if sealed
-                        || limit.is_some_and(|l| self.next < l)
-                        || (!zeros && intact_after(seg)?)
-                    {
+                    if sealed || limit.is_some_and(|l| self.next < l) || intact_after(seg)? {
                         return Err(self.corrupt(reason));
                     }
-                    // Preallocated space, or an unrecovered torn tail of a writer
-                    // in another process.
+                    // An unrecovered torn tail of a writer in another process.
                     return Ok(());
                 }
             }
@@ -215,33 +192,10 @@ fn intact_after(seg: &mut OpenSegment) -> Result<bool, LogError> {
     Ok(super::scan::whole_batch_after(&seg.buf, 1))
 }
 
-/// Drops the buffered bytes and reads them again from the file.
-fn refill(seg: &mut OpenSegment, shared: &Shared) -> Result<(), LogError> {
-    seg.buf.clear();
-    seg.file
-        .seek(SeekFrom::Start(seg.offset))
-        .map_err(io_err("seek segment", &seg.path))?;
-    seg.eof = false;
-    seg.fresh = true;
-    fill(seg, shared)?;
-    Ok(())
-}
-
-/// Reads the next chunk of the segment; false at end of file (or of the bytes
-/// its writer in this process has appended).
-fn fill(seg: &mut OpenSegment, shared: &Shared) -> Result<bool, LogError> {
+/// Reads the next chunk of the segment; false at end of file.
+fn fill(seg: &mut OpenSegment) -> Result<bool, LogError> {
     let old = seg.buf.len();
-    let chunk = match shared.readable_bytes(seg.base) {
-        Some(bytes) => bytes
-            .saturating_sub(seg.offset + old as u64)
-            .min(CHUNK as u64) as usize,
-        None => CHUNK,
-    };
-    if chunk == 0 {
-        seg.eof = true;
-        return Ok(false);
-    }
-    seg.buf.resize(old + chunk, 0);
+    seg.buf.resize(old + CHUNK, 0);
     let n = seg.file.read(&mut seg.buf[old..]);
     let n = match n {
         Ok(n) => n,

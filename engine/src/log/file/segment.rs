@@ -6,14 +6,12 @@
 //!               00000000000000000000.idx   its sparse index, once sealed
 //!               00000000000000412000.seg   the next segment, base 412000
 //!               LOCK                       held by the partition's writer
-//!               spare                      the next segment, zeroed ahead of time
 //! idx = count u64 | entries u32 | (record u64, offset u64)* | crc32c u32
 //! ```
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::format::encode_segment_header;
 use crate::log::LogError;
@@ -145,69 +143,4 @@ pub fn read_index(dir: &Path, base: u64) -> Option<(u64, Vec<(u64, u64)>)> {
         })
         .collect();
     Some((records, entries))
-}
-
-/// The zero-filled file the next segment is made from, and its name while it is
-/// being filled (a crash leaves only the latter, which is discarded).
-const SPARE: &str = "spare";
-const SPARE_FILLING: &str = "spare.tmp";
-
-/// Writes a zero-filled file of `bytes` for the next segment, durably.
-///
-/// Appends that extend a file make every `fdatasync` commit the file system's
-/// journal too (the file's size changed); overwriting blocks already written
-/// flushes the data alone. On ext4 over a virtio disk that is ~3x cheaper per
-/// sync and stalls far less often (docs/benchmarks.md). Zeros, not `fallocate`:
-/// writing into unwritten extents changes metadata again. Written in 1 MiB
-/// pieces with a sync every 8 MiB, so no single flush carries the whole file.
-/// Stops early, with an `Interrupted` error, once `cancel` is set.
-pub fn prepare_spare(dir: &Path, bytes: u64, cancel: &AtomicBool) -> std::io::Result<()> {
-    let filling = dir.join(SPARE_FILLING);
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(&filling)?;
-    let zeros = vec![0u8; 1 << 20];
-    let mut written = 0u64;
-    while written < bytes {
-        if cancel.load(Ordering::Relaxed) {
-            drop(file);
-            let _ = fs::remove_file(&filling);
-            return Err(std::io::ErrorKind::Interrupted.into());
-        }
-        let n = (bytes - written).min(zeros.len() as u64) as usize;
-        file.write_all(&zeros[..n])?;
-        written += n as u64;
-        if written.is_multiple_of(8 << 20) {
-            file.sync_data()?;
-        }
-    }
-    file.sync_all()?;
-    fs::rename(&filling, dir.join(SPARE))?;
-    File::open(dir)?.sync_all()
-}
-
-/// Whether a finished spare of exactly `bytes` is waiting; drops a half-filled one.
-pub fn spare_ready(dir: &Path, bytes: u64) -> bool {
-    let _ = fs::remove_file(dir.join(SPARE_FILLING));
-    fs::metadata(dir.join(SPARE)).is_ok_and(|m| m.len() == bytes)
-}
-
-/// Turns the spare into the segment at `base`: header written and synced before
-/// the rename makes it visible, so a reader never sees a segment without one.
-pub fn adopt_spare(dir: &Path, partition: u32, base: u64) -> Result<File, LogError> {
-    let spare = dir.join(SPARE);
-    let path = segment_path(dir, base);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&spare)
-        .map_err(io_err("open spare segment", &spare))?;
-    file.write_all(&encode_segment_header(partition, base))
-        .and_then(|_| file.sync_data())
-        .map_err(io_err("write segment header", &spare))?;
-    fs::rename(&spare, &path).map_err(io_err("rename spare segment", &path))?;
-    sync_dir(dir)?;
-    Ok(file)
 }

@@ -9,7 +9,7 @@ use tempfile::TempDir;
 use super::segment::{list_segments, partition_dir, segment_path};
 use super::*;
 use crate::log::conformance::{Harness, TestLog, sample};
-use crate::log::{LogError, LogWriter, Record};
+use crate::log::{LogError, Record};
 use crate::record::{PartitionId, Position};
 
 struct FileTestLog {
@@ -43,7 +43,6 @@ impl Harness for FileHarness {
             partitions,
             segment_bytes: self.segment_bytes,
             fsync: FsyncPolicy::Batch,
-            preallocate: true,
             faults: None,
         };
         let log: Arc<dyn Log> = Arc::new(FileLog::open(dir.path(), config.clone())?);
@@ -76,7 +75,6 @@ fn open(dir: &std::path::Path, segment_bytes: u64) -> FileLog {
             partitions: 1,
             segment_bytes,
             fsync: FsyncPolicy::Batch,
-            preallocate: true,
             faults: None,
         },
     )
@@ -377,151 +375,4 @@ fn cross_process_style_reader_sees_appends_without_a_shared_writer() {
             .expect("poll")
             .is_empty()
     );
-}
-
-/// Appends 20-record batches until the partition rolls into a segment made from
-/// a finished spare; returns the records appended (positions `0..n`).
-fn roll_into_spare(w: &mut Box<dyn LogWriter>, dir: &std::path::Path, segment_bytes: u64) -> u64 {
-    let pdir = partition_dir(dir, 0);
-    let mut n = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while list_segments(&pdir).expect("list").len() < 2 {
-        assert!(std::time::Instant::now() < deadline, "no roll");
-        let seg = fs::metadata(last_segment(dir)).expect("meta").len();
-        if seg > segment_bytes * 3 / 4 {
-            // Hold the roll until the spare started at half full is ready.
-            while !pdir.join("spare").exists() {
-                assert!(std::time::Instant::now() < deadline, "no spare");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        w.append(&(n..n + 20).map(sample).collect::<Vec<_>>())
-            .expect("append");
-        n += 20;
-    }
-    n
-}
-
-#[test]
-fn appends_overwrite_a_zeroed_spare_and_sealed_segments_hold_no_zeros() {
-    let dir = TempDir::new().expect("tempdir");
-    let segment_bytes = 64 << 10;
-    let log = open(dir.path(), segment_bytes);
-    let mut w = log.writer(PartitionId(0)).expect("writer");
-    let mut n = roll_into_spare(&mut w, dir.path(), segment_bytes);
-    let pdir = partition_dir(dir.path(), 0);
-    let bases = list_segments(&pdir).expect("list");
-    let sealed = fs::read(segment_path(&pdir, bases[0])).expect("read");
-    let s = scan(&sealed);
-    assert_eq!(
-        (s.valid_len, s.zero_tail, s.damage),
-        (sealed.len() as u64, 0, None)
-    );
-    let active = last_segment(dir.path());
-    assert_eq!(fs::metadata(&active).expect("meta").len(), segment_bytes);
-    assert!(!pdir.join("spare").exists(), "the spare became the segment");
-    w.append(&[sample(n)]).expect("append");
-    n += 1;
-    assert_eq!(fs::metadata(&active).expect("meta").len(), segment_bytes);
-    assert_eq!(
-        read_positions(&log, 0).expect("read"),
-        (0..n).collect::<Vec<_>>()
-    );
-    // Reopening continues inside the preallocated space.
-    drop(w);
-    let log = open(dir.path(), segment_bytes);
-    assert_eq!(log.end(PartitionId(0)).expect("end"), Position(n));
-    let mut w = log.writer(PartitionId(0)).expect("writer");
-    assert_eq!(w.append(&[sample(n)]).expect("append"), vec![Position(n)]);
-    assert_eq!(fs::metadata(&active).expect("meta").len(), segment_bytes);
-    assert_eq!(
-        read_positions(&log, 0).expect("read"),
-        (0..=n).collect::<Vec<_>>()
-    );
-}
-
-#[test]
-fn a_reader_elsewhere_follows_appends_into_preallocated_zeros() {
-    let dir = TempDir::new().expect("tempdir");
-    let segment_bytes = 64 << 10;
-    let writer_log = open(dir.path(), segment_bytes);
-    let mut w = writer_log.writer(PartitionId(0)).expect("writer");
-    let mut n = roll_into_spare(&mut w, dir.path(), segment_bytes);
-    // No writer in this handle: it reads the files, zeros past the end included.
-    let reader_log = open(dir.path(), segment_bytes);
-    let mut r = reader_log
-        .reader(PartitionId(0), Position(0))
-        .expect("reader");
-    let mut seen = Vec::new();
-    for round in 0..5 {
-        loop {
-            let got = r.poll(1_000, Duration::from_millis(20)).expect("poll");
-            if got.is_empty() {
-                break;
-            }
-            seen.extend(got.iter().map(|s| s.position.0));
-        }
-        assert_eq!(seen, (0..n).collect::<Vec<_>>(), "round {round}");
-        // The reader has buffered zeros where these records now go.
-        w.append(&(n..n + 3).map(sample).collect::<Vec<_>>())
-            .expect("append");
-        n += 3;
-    }
-    assert_eq!(reader_log.end(PartitionId(0)).expect("end"), Position(n));
-}
-
-#[test]
-fn a_batch_torn_over_preallocated_zeros_is_recovered_on_open() {
-    let dir = TempDir::new().expect("tempdir");
-    let segment_bytes = 64 << 10;
-    let (n, batch_start) = {
-        let log = open(dir.path(), segment_bytes);
-        let mut w = log.writer(PartitionId(0)).expect("writer");
-        let n = roll_into_spare(&mut w, dir.path(), segment_bytes);
-        let before = scan(&fs::read(last_segment(dir.path())).expect("read")).valid_len;
-        w.append(&(n..n + 200).map(sample).collect::<Vec<_>>())
-            .expect("append");
-        (n, before as usize)
-    };
-    let path = last_segment(dir.path());
-    let mut data = fs::read(&path).expect("read");
-    let batch_end = scan(&data).valid_len as usize;
-    // A sector in the middle of the last batch never reached the disk.
-    let sector = (batch_start + batch_end) / 2 / 512 * 512;
-    assert!(sector > batch_start && sector + 512 < batch_end);
-    data[sector..sector + 512].fill(0);
-    fs::write(&path, &data).expect("tear");
-    let log = open(dir.path(), segment_bytes);
-    let mut w = log
-        .writer(PartitionId(0))
-        .expect("a torn batch is a torn tail");
-    assert_eq!(log.end(PartitionId(0)).expect("end"), Position(n));
-    assert_eq!(w.append(&[sample(n)]).expect("append"), vec![Position(n)]);
-    assert_eq!(
-        read_positions(&log, 0).expect("read"),
-        (0..=n).collect::<Vec<_>>()
-    );
-}
-
-#[test]
-fn without_preallocation_segments_only_grow() {
-    let dir = TempDir::new().expect("tempdir");
-    let log = FileLog::open(
-        dir.path(),
-        FileLogConfig {
-            segment_bytes: 4096,
-            preallocate: false,
-            ..FileLogConfig::default()
-        },
-    )
-    .expect("open");
-    let mut w = log.writer(PartitionId(0)).expect("writer");
-    for i in 0..200 {
-        w.append(&[sample(i)]).expect("append");
-    }
-    let pdir = partition_dir(dir.path(), 0);
-    assert!(list_segments(&pdir).expect("list").len() > 2);
-    assert!(!pdir.join("spare").exists() && !pdir.join("spare.tmp").exists());
-    let data = fs::read(last_segment(dir.path())).expect("read");
-    assert_eq!(scan(&data).zero_tail, 0);
 }

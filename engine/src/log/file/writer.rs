@@ -10,8 +10,8 @@ use std::thread::JoinHandle;
 use super::format::{SEGMENT_HEADER_LEN, decode_segment_header, encode_frame};
 use super::scan::{INDEX_STRIDE, Recovery, recovery, scan};
 use super::segment::{
-    adopt_spare, create_private_dir, create_segment, io_err, list_segments, prepare_spare,
-    read_index, segment_path, spare_ready, write_index,
+    create_private_dir, create_segment, io_err, list_segments, read_index, segment_path,
+    write_index,
 };
 use super::{FileLogConfig, FsyncPolicy, Shared};
 use crate::codec::MAX_RECORD_BYTES;
@@ -27,9 +27,6 @@ pub struct FileWriter {
     path: PathBuf,
     base: u64,
     seg_len: u64,
-    /// The segment file's length: more than `seg_len` while appends overwrite
-    /// preallocated zeros.
-    allocated: u64,
     seg_records: u64,
     index: Vec<(u64, u64)>,
     end: u64,
@@ -38,21 +35,6 @@ pub struct FileWriter {
     /// Set when a failed write could not be rolled back: every later append fails.
     poisoned: Option<String>,
     flusher: Option<Flusher>,
-    spare: Spare,
-}
-
-/// The zero-filled file the next segment is made from (`segment::prepare_spare`).
-#[derive(Debug)]
-enum Spare {
-    /// None yet: one is started once the active segment is half full.
-    None,
-    Filling {
-        cancel: Arc<AtomicBool>,
-        handle: JoinHandle<std::io::Result<()>>,
-    },
-    Ready,
-    /// Preallocation is off, or a spare could not be made for this segment.
-    Off,
 }
 
 #[derive(Debug)]
@@ -141,21 +123,12 @@ impl FileWriter {
             .map_err(io_err("open segment", &path))?;
         file.seek(SeekFrom::Start(scanned.valid_len))
             .map_err(io_err("seek", &path))?;
-        let allocated = file
-            .metadata()
-            .map_err(io_err("stat segment", &path))?
-            .len();
-        let spare = match (config.preallocate, spare_ready(&dir, config.segment_bytes)) {
-            (false, _) => Spare::Off,
-            (true, true) => Spare::Ready,
-            (true, false) => Spare::None,
-        };
         let end = base + scanned.records;
         let flusher = match config.fsync {
             FsyncPolicy::Interval(every) => Some(spawn_flusher(&file, &path, every)?),
             FsyncPolicy::Always | FsyncPolicy::Batch | FsyncPolicy::Never => None,
         };
-        shared.publish(end, Some((base, scanned.valid_len)));
+        shared.publish(end, true);
         Ok(FileWriter {
             shared,
             _lock: lock,
@@ -163,7 +136,6 @@ impl FileWriter {
             path,
             base,
             seg_len: scanned.valid_len,
-            allocated,
             seg_records: scanned.records,
             index: scanned.index,
             end,
@@ -171,99 +143,27 @@ impl FileWriter {
             config: config.clone(),
             poisoned: None,
             flusher,
-            spare,
         })
     }
 
-    /// Seals the active segment (cut to its records, so sealed segments hold no
-    /// zeros) and starts a new one at the current end, from the spare if it is ready.
+    /// Seals the active segment and starts a new one at the current end.
     fn roll(&mut self) -> Result<(), LogError> {
-        if self.allocated > self.seg_len {
-            self.file
-                .set_len(self.seg_len)
-                .map_err(io_err("cut preallocated space", &self.path))?;
-        }
         self.file
             .sync_all()
             .map_err(io_err("sync segment", &self.path))?;
         write_index(&self.shared.dir, self.base, self.seg_records, &self.index)?;
-        let spare = self.take_spare();
-        let (dir, partition) = (&self.shared.dir, self.shared.partition.0);
-        let (file, allocated) = match spare {
-            Some(()) => match adopt_spare(dir, partition, self.end) {
-                Ok(file) => (file, self.config.segment_bytes),
-                Err(e) => {
-                    tracing::warn!(partition, error = %e, "could not use the spare segment; creating one");
-                    (create_segment(dir, partition, self.end)?, 0)
-                }
-            },
-            None => (create_segment(dir, partition, self.end)?, 0),
-        };
+        let file = create_segment(&self.shared.dir, self.shared.partition.0, self.end)?;
         self.flusher = None;
         self.file = file;
         self.path = segment_path(&self.shared.dir, self.end);
         self.base = self.end;
         self.seg_len = SEGMENT_HEADER_LEN as u64;
-        self.allocated = allocated.max(self.seg_len);
         self.seg_records = 0;
         self.index.clear();
         if let FsyncPolicy::Interval(every) = self.config.fsync {
             self.flusher = Some(spawn_flusher(&self.file, &self.path, every)?);
         }
         Ok(())
-    }
-
-    /// Takes a finished spare, if any; a spare still being filled is left for
-    /// the next roll (this one creates its segment the ordinary way).
-    fn take_spare(&mut self) -> Option<()> {
-        match std::mem::replace(&mut self.spare, Spare::None) {
-            Spare::Ready => Some(()),
-            Spare::Filling { handle, .. } if handle.is_finished() => match handle.join() {
-                Ok(Ok(())) => Some(()),
-                Ok(Err(e)) => {
-                    tracing::warn!(partition = self.shared.partition.0, error = %e, "preparing a spare segment failed");
-                    None
-                }
-                Err(_) => None,
-            },
-            filling @ Spare::Filling { .. } => {
-                self.spare = filling;
-                None
-            }
-            Spare::None => None,
-            Spare::Off => {
-                self.spare = if self.config.preallocate {
-                    Spare::None
-                } else {
-                    Spare::Off
-                };
-                None
-            }
-        }
-    }
-
-    /// Starts zero-filling the next segment once the active one is half full,
-    /// so it is ready well before the roll.
-    fn prepare_spare(&mut self) {
-        if !matches!(self.spare, Spare::None) || self.seg_len < self.config.segment_bytes / 2 {
-            return;
-        }
-        let cancel = Arc::new(AtomicBool::new(false));
-        let (dir, bytes, flag) = (
-            self.shared.dir.clone(),
-            self.config.segment_bytes,
-            Arc::clone(&cancel),
-        );
-        self.spare = match std::thread::Builder::new()
-            .name("tasker-log-spare".into())
-            .spawn(move || prepare_spare(&dir, bytes, &flag))
-        {
-            Ok(handle) => Spare::Filling { cancel, handle },
-            Err(e) => {
-                tracing::warn!(partition = self.shared.partition.0, error = %e, "could not start preparing a spare segment");
-                Spare::Off
-            }
-        };
     }
 
     fn write_batch(&mut self) -> Result<(), (std::io::Error, bool)> {
@@ -354,8 +254,6 @@ impl LogWriter for FileWriter {
         }
         if let Err((e, fsync_failed)) = self.write_batch() {
             // Roll the file back to the last whole batch so the log stays valid.
-            // (This drops the segment's preallocated space: appends extend it again.)
-            self.allocated = self.seg_len;
             let rollback = self
                 .file
                 .set_len(self.seg_len)
@@ -375,13 +273,10 @@ impl LogWriter for FileWriter {
         }
         self.index.extend(new_index);
         self.seg_len += self.buf.len() as u64;
-        self.allocated = self.allocated.max(self.seg_len);
         self.seg_records += batch.len() as u64;
         let first = self.end;
         self.end += batch.len() as u64;
-        self.shared
-            .publish(self.end, Some((self.base, self.seg_len)));
-        self.prepare_spare();
+        self.shared.publish(self.end, true);
         Ok((first..self.end).map(Position).collect())
     }
 }
@@ -389,12 +284,8 @@ impl LogWriter for FileWriter {
 impl Drop for FileWriter {
     fn drop(&mut self) {
         self.flusher = None;
-        if let Spare::Filling { cancel, handle } = std::mem::replace(&mut self.spare, Spare::Off) {
-            cancel.store(true, Ordering::Relaxed);
-            let _ = handle.join();
-        }
         let _ = self.file.sync_data();
-        self.shared.publish(self.end, None);
+        self.shared.publish(self.end, false);
     }
 }
 
