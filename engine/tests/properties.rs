@@ -1318,13 +1318,20 @@ impl<'a> Sim<'a> {
             self.last_written = at;
         }
         assert_eq!(self.snapshot_cache.len(), self.state.task_count());
-        // From a fresh cache, the very bytes of the snapshot made in one piece.
+        // From a fresh cache, the very bytes of the snapshot made in one piece,
+        // paused (as a background snapshot spreads its work) or not.
         let mut cache = SnapshotCache::default();
+        let mut pauses = 0;
         let fresh = self
             .state
             .snapshot_meta(&cache)
-            .encode(self.state.tasks_shared(), &mut cache)
+            .encode_paced(self.state.tasks_shared(), &mut cache, &mut || pauses += 1)
             .unwrap();
+        assert_eq!(
+            pauses,
+            self.state.task_count() / tasker_engine::state::PACE_TASKS,
+            "pauses at {at}"
+        );
         assert_eq!(
             fresh.parts().flatten().copied().collect::<Vec<u8>>(),
             tasker_engine::codec::canonical_bytes(&self.state.to_snapshot()).unwrap(),

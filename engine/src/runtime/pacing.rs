@@ -20,7 +20,7 @@
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A snapshot is made durable this many bytes at a time while it is written.
 pub(crate) const PACE_BYTES: u64 = 2 << 20;
@@ -36,11 +36,13 @@ impl SyncData for fs::File {
     }
 }
 
-/// Passes writes through and syncs after every `every` bytes.
+/// Passes writes through and syncs after every `every` bytes (then rests, with
+/// [`Paced::with_duty`]).
 pub(crate) struct Paced<W> {
     inner: W,
     every: u64,
     unsynced: u64,
+    duty: Option<DutyCycle>,
 }
 
 impl<W: io::Write + SyncData> Paced<W> {
@@ -49,7 +51,14 @@ impl<W: io::Write + SyncData> Paced<W> {
             inner,
             every,
             unsynced: 0,
+            duty: None,
         }
+    }
+
+    /// Rests after each sync so writing and syncing take at most `share` of the time.
+    pub(crate) fn with_duty(mut self, share: f64) -> Self {
+        self.duty = Some(DutyCycle::new(share));
+        self
     }
 
     pub(crate) fn into_inner(self) -> W {
@@ -64,12 +73,68 @@ impl<W: io::Write + SyncData> io::Write for Paced<W> {
         if self.unsynced >= self.every {
             self.inner.sync_data()?;
             self.unsynced = 0;
+            if let Some(duty) = &mut self.duty {
+                duty.pause();
+            }
         }
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// The share of the time a background snapshot may spend hashing and encoding
+/// (of one core), and writing and syncing (of the disk). Done in bursts (0.3-0.8
+/// s of encoding per snapshot at 20,000 tasks/s with 300,000 tasks in memory),
+/// it delayed the processors even at nice 10, and its writes the log's syncs:
+/// p99 latency 15-40 ms with snapshots against 6 ms without (docs/benchmarks.md).
+pub(crate) const BACKGROUND_SHARE: f64 = 0.25;
+
+/// Keeps a background thread's work to a share of one core: each [`pause`]
+/// sleeps long enough that the work since the last one was at most `share` of
+/// the time that passed.
+///
+/// [`pause`]: DutyCycle::pause
+#[derive(Debug)]
+pub(crate) struct DutyCycle {
+    rest_per_work: f64,
+    since: Instant,
+    owed: Duration,
+}
+
+/// Sleeps shorter than this are saved up (a sleep costs a wake-up).
+const MIN_SLEEP: Duration = Duration::from_millis(1);
+
+impl DutyCycle {
+    pub(crate) fn new(share: f64) -> Self {
+        let share = share.clamp(0.01, 1.0);
+        DutyCycle {
+            rest_per_work: (1.0 - share) / share,
+            since: Instant::now(),
+            owed: Duration::ZERO,
+        }
+    }
+
+    /// Returns how long it slept.
+    pub(crate) fn pause(&mut self) -> Duration {
+        let rest = self.rest_after(self.since.elapsed());
+        if !rest.is_zero() {
+            std::thread::sleep(rest);
+        }
+        self.since = Instant::now();
+        rest
+    }
+
+    /// The rest owed after `worked`: none until it adds up to [`MIN_SLEEP`].
+    fn rest_after(&mut self, worked: Duration) -> Duration {
+        self.owed += worked.mul_f64(self.rest_per_work);
+        if self.owed >= MIN_SLEEP {
+            std::mem::take(&mut self.owed)
+        } else {
+            Duration::ZERO
+        }
     }
 }
 
@@ -125,6 +190,25 @@ mod tests {
             self.synced_at.push(self.data.len());
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_duty_cycle_rests_in_proportion_and_saves_up_short_rests() {
+        let ms = Duration::from_millis;
+        let mut quarter = DutyCycle::new(0.25);
+        assert_eq!(quarter.rest_after(ms(4)), ms(12));
+        // 0.2 ms of work owes 0.6 ms: saved until a whole millisecond is owed.
+        assert_eq!(
+            quarter.rest_after(Duration::from_micros(200)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            quarter.rest_after(Duration::from_micros(200)),
+            Duration::from_micros(1_200)
+        );
+        assert_eq!(quarter.rest_after(ms(0)), Duration::ZERO);
+        let mut all = DutyCycle::new(1.0);
+        assert_eq!(all.rest_after(ms(50)), Duration::ZERO);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::pacing::{self, PACE_BYTES, Paced};
+use super::pacing::{self, BACKGROUND_SHARE, PACE_BYTES, Paced};
 use crate::codec;
 use crate::record::{PartitionId, Position};
 use crate::state::{Digest, EncodedState, HashChain, State, StateDelta, StateSnapshot, Written};
@@ -271,7 +271,7 @@ impl SnapshotStore {
         fs::File::create(&tmp)
             .and_then(|f| {
                 use std::io::Write;
-                let paced = Paced::new(f, PACE_BYTES);
+                let paced = Paced::new(f, PACE_BYTES).with_duty(BACKGROUND_SHARE);
                 let mut out = std::io::BufWriter::with_capacity(1 << 20, paced);
                 out.write_all(&header)?;
                 for part in parts {

@@ -17,7 +17,9 @@ use rustc_hash::FxHashMap;
 pub use chain::HashChain;
 pub use dag::Dag;
 pub use digest::{Digest, DigestSum};
-pub use snapshot::{EncodedState, SnapshotCache, SnapshotMeta, StateDelta, StateSnapshot, Written};
+pub use snapshot::{
+    EncodedState, PACE_TASKS, SnapshotCache, SnapshotMeta, StateDelta, StateSnapshot, Written,
+};
 pub use step::{StepState, StepStatus};
 pub use task::{TaskState, TaskStatus};
 pub(crate) use task_map::SHARDS as TASK_SHARDS;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use super::*;
+use crate::runtime::pacing::{BACKGROUND_SHARE, DutyCycle};
 
 impl Processor {
     pub(super) fn publish(&mut self, live: bool) {
@@ -87,7 +88,10 @@ impl Processor {
             let tasks = self.snapshot_tasks.clone();
             let mut cache = std::mem::take(&mut self.snapshot_cache);
             let write = move || {
-                match meta.encode(tasks.values(), &mut cache) {
+                let mut duty = DutyCycle::new(BACKGROUND_SHARE);
+                match meta.encode_paced(tasks.values(), &mut cache, &mut || {
+                    duty.pause();
+                }) {
                     Ok(state) => {
                         let written = store.write_next(partition, position, chain, &state);
                         drop(state);
