@@ -117,14 +117,12 @@ impl DutyCycle {
         }
     }
 
-    /// Returns how long it slept.
-    pub(crate) fn pause(&mut self) -> Duration {
+    pub(crate) fn pause(&mut self) {
         let rest = self.rest_after(self.since.elapsed());
         if !rest.is_zero() {
             std::thread::sleep(rest);
         }
         self.since = Instant::now();
-        rest
     }
 
     /// The rest owed after `worked`: none until it adds up to [`MIN_SLEEP`].

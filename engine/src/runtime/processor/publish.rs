@@ -89,9 +89,7 @@ impl Processor {
             let mut cache = std::mem::take(&mut self.snapshot_cache);
             let write = move || {
                 let mut duty = DutyCycle::new(BACKGROUND_SHARE);
-                match meta.encode_paced(tasks.values(), &mut cache, &mut || {
-                    duty.pause();
-                }) {
+                match meta.encode_paced(tasks.values(), &mut cache, &mut || duty.pause()) {
                     Ok(state) => {
                         let written = store.write_next(partition, position, chain, &state);
                         drop(state);
