@@ -1,5 +1,6 @@
 //! The embedded file log: append throughput and per-batch append latency with
-//! `fsync = batch` at several batch sizes, then read-back throughput.
+//! `fsync = batch` at several batch sizes, what an append costs when it rolls to
+//! a new segment, then read-back throughput.
 //!
 //! `cargo bench -p tasker-engine --bench file_log` (optionally `-- <records>`).
 //! The log lives in a temporary directory under Cargo's target dir (a real disk,
@@ -102,6 +103,58 @@ fn append(dir: &std::path::Path, batch: usize, total: usize) -> AppendResult {
     }
 }
 
+const ROLL_SEGMENT_BYTES: u64 = 1 << 20;
+const ROLL_BATCH: usize = 100;
+const ROLLS: usize = 200;
+
+/// Appends batches of [`ROLL_BATCH`] to a log with small segments until it has
+/// rolled [`ROLLS`] times; returns the latencies of the appends that rolled and
+/// of the others.
+fn rolls(dir: &std::path::Path) -> (Histogram<u64>, Histogram<u64>) {
+    let log = FileLog::open(
+        dir,
+        FileLogConfig {
+            partitions: 1,
+            segment_bytes: ROLL_SEGMENT_BYTES,
+            fsync: FsyncPolicy::Batch,
+            ..FileLogConfig::default()
+        },
+    )
+    .unwrap();
+    let mut writer = log.writer(PartitionId(0)).unwrap();
+    let template: Vec<Record> = (0..ROLL_BATCH as u64).map(record).collect();
+    let pdir = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .unwrap();
+    let segments = || {
+        std::fs::read_dir(&pdir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "seg"))
+            })
+            .count()
+    };
+    let new_hist = || Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap();
+    let (mut rolled, mut other) = (new_hist(), new_hist());
+    let mut count = segments();
+    while rolled.len() < ROLLS as u64 {
+        let t = Instant::now();
+        writer.append(&template).unwrap();
+        let us = (t.elapsed().as_micros() as u64).max(1);
+        let now = segments();
+        if now > count {
+            rolled.record(us).unwrap();
+        } else {
+            other.record(us).unwrap();
+        }
+        count = now;
+    }
+    (rolled, other)
+}
+
 /// Reads every record of partition 0 from the start; returns (records, bytes, time).
 fn read_all(log: &dyn Log, expected: usize) -> (usize, usize, Duration) {
     let mut reader = log.reader(PartitionId(0), Position(0)).unwrap();
@@ -180,6 +233,25 @@ fn main() {
         biggest = Some((dir, r));
     }
     println!("latency = one append() call (encode + write + fdatasync) per batch");
+    println!();
+    let (rolled, other) = rolls(&root.path().join("rolls"));
+    println!(
+        "appends of {ROLL_BATCH} records into {} MiB segments, {ROLLS} rolls:",
+        ROLL_SEGMENT_BYTES >> 20
+    );
+    for (label, h) in [
+        ("the append that rolled", &rolled),
+        ("every other append", &other),
+    ] {
+        println!(
+            "  {label:<24} {:>7} appends   p50 {:>9}   p99 {:>9}   p99.9 {:>9}   max {:>9}",
+            h.len(),
+            fmt_us(h.value_at_quantile(0.5)),
+            fmt_us(h.value_at_quantile(0.99)),
+            fmt_us(h.value_at_quantile(0.999)),
+            fmt_us(h.max()),
+        );
+    }
     println!();
 
     let (dir, last) = biggest.unwrap();
