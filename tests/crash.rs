@@ -213,11 +213,17 @@ fn backends() -> Vec<Backend> {
         ];
         match name {
             "file" => {
-                // Steps reach handlers once their batch is durable.
-                env.push((
-                    "TASKER_EXECUTION__DISPATCH".to_owned(),
-                    "durable".to_owned(),
-                ));
+                // Steps reach handlers once their batch is durable. Small
+                // segments: the log rolls every few hundred tasks, so kills
+                // also land around rolls (a spare renamed, an index not yet
+                // written).
+                env.extend([
+                    (
+                        "TASKER_EXECUTION__DISPATCH".to_owned(),
+                        "durable".to_owned(),
+                    ),
+                    ("TASKER_LOG__SEGMENT_BYTES".to_owned(), "65536".to_owned()),
+                ]);
                 out.push(Backend { name: "file", env });
             }
             "file-eager" => {
@@ -354,6 +360,19 @@ fn run_matrix(backend: &Backend, kills: usize, seed: u64) -> (usize, usize, usiz
         }
     });
     server.stop();
+    if backend.name == "file" {
+        let segments = std::fs::read_dir(data.join("log").join("p00000"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "seg"))
+            })
+            .count();
+        assert!(
+            segments > 2,
+            "the file backend is meant to roll segments under the kills, but partition 0 has {segments}"
+        );
+    }
     let log = open_log(backend, &data);
     let live = rt.block_on(read_model_rows(&data.join("read-model.db")));
     let rebuilt_path = dir.path().join("rebuilt.db");

@@ -4,6 +4,7 @@
 
 pub(crate) mod format;
 mod reader;
+mod roll;
 mod scan;
 pub(crate) mod segment;
 mod writer;

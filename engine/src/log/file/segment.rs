@@ -5,6 +5,7 @@
 //! <root>/p00003/00000000000000000000.seg   records 0..n of partition 3
 //!               00000000000000000000.idx   its sparse index, once sealed
 //!               00000000000000412000.seg   the next segment, base 412000
+//!               next.spare                 an empty file the next roll renames
 //!               LOCK                       held by the partition's writer
 //! idx = count u64 | entries u32 | (record u64, offset u64)* | crc32c u32
 //! ```
@@ -92,7 +93,9 @@ pub fn create_segment(dir: &Path, partition: u32, base: u64) -> Result<File, Log
     Ok(file)
 }
 
-/// Writes a sealed segment's record count and sparse index.
+/// Writes a sealed segment's record count and sparse index, without syncing:
+/// the index is a cache of a scan, checksummed, so one a crash lost or tore is
+/// `None` to [`read_index`] and the segment is scanned (and indexed) again.
 pub fn write_index(
     dir: &Path,
     base: u64,
@@ -111,10 +114,8 @@ pub fn write_index(
     buf.extend_from_slice(&crc.to_le_bytes());
     let tmp = path.with_extension("idx.tmp");
     fs::write(&tmp, &buf)
-        .and_then(|_| File::open(&tmp).and_then(|f| f.sync_all()))
         .and_then(|_| fs::rename(&tmp, &path))
-        .map_err(io_err("write index", &path))?;
-    sync_dir(dir)
+        .map_err(io_err("write index", &path))
 }
 
 /// A sealed segment's `(record count, sparse index)`, or `None` if the index file

@@ -376,3 +376,152 @@ fn cross_process_style_reader_sees_appends_without_a_shared_writer() {
             .is_empty()
     );
 }
+
+/// Appends one record at a time until the partition has `segments` segments;
+/// returns how many were appended.
+fn append_until_segments(
+    w: &mut dyn crate::log::LogWriter,
+    pdir: &std::path::Path,
+    segments: usize,
+) -> u64 {
+    let mut n = 0;
+    while list_segments(pdir).expect("list").len() < segments {
+        w.append(&[sample(n)]).expect("append");
+        n += 1;
+    }
+    n
+}
+
+/// The roller prepares a spare as soon as a writer opens; waits for it.
+fn wait_for_spare(pdir: &std::path::Path) -> fs::Metadata {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(meta) = fs::metadata(pdir.join("next.spare")) {
+            return meta;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the roller never prepared a spare segment in {}",
+            pdir.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_roll_renames_the_prepared_spare_and_indexes_the_sealed_segment_after() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new().expect("tempdir");
+    let log = open(dir.path(), 1024);
+    let mut w = log.writer(PartitionId(0)).expect("writer");
+    let pdir = partition_dir(dir.path(), 0);
+    let spare = wait_for_spare(&pdir);
+    assert_eq!(spare.len(), 0, "a spare is empty until a roll takes it");
+    let n = append_until_segments(w.as_mut(), &pdir, 2);
+    let bases = list_segments(&pdir).expect("list");
+    let new = fs::metadata(segment_path(&pdir, bases[1])).expect("new segment");
+    assert_eq!(
+        new.ino(),
+        spare.ino(),
+        "the new segment is the spare, renamed"
+    );
+    drop(w); // waits for the roller's queued work
+    assert_eq!(
+        super::segment::read_index(&pdir, bases[0]).map(|(count, _)| count),
+        Some(bases[1]),
+        "the sealed segment was indexed"
+    );
+    assert_eq!(
+        read_positions(&log, 0).expect("read"),
+        (0..n).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_segment_left_under_the_spare_name_by_a_crash_is_adopted() {
+    let dir = TempDir::new().expect("tempdir");
+    let pdir = partition_dir(dir.path(), 0);
+    let n = {
+        let log = open(dir.path(), 1024);
+        let mut w = log.writer(PartitionId(0)).expect("writer");
+        let n = append_until_segments(w.as_mut(), &pdir, 3);
+        w.append(&[sample(n)]).expect("append");
+        n + 1
+    };
+    // The crash came before the directory sync: the newest segment is still
+    // named as the spare was, and the segment it follows has no index.
+    let bases = list_segments(&pdir).expect("list");
+    let spare = pdir.join("next.spare");
+    let _ = fs::remove_file(&spare);
+    fs::rename(segment_path(&pdir, bases[2]), &spare).expect("rename back");
+    fs::remove_file(super::segment::index_path(&pdir, bases[1])).expect("remove index");
+
+    let log = open(dir.path(), 1024);
+    let mut w = log.writer(PartitionId(0)).expect("writer");
+    assert_eq!(
+        list_segments(&pdir).expect("list"),
+        bases,
+        "the spare is a segment again"
+    );
+    assert_eq!(w.append(&[sample(n)]).expect("append"), vec![Position(n)]);
+    drop(w);
+    assert_eq!(
+        read_positions(&log, 0).expect("read"),
+        (0..=n).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_spare_that_never_became_a_segment_is_removed_on_open() {
+    let dir = TempDir::new().expect("tempdir");
+    let pdir = partition_dir(dir.path(), 0);
+    {
+        let log = open(dir.path(), 64 << 20);
+        let mut w = log.writer(PartitionId(0)).expect("writer");
+        w.append(&[sample(0), sample(1)]).expect("append");
+    }
+    // A torn header, and a header for a segment that exists already.
+    for junk in [
+        b"torn".to_vec(),
+        super::format::encode_segment_header(0, 0).to_vec(),
+    ] {
+        fs::write(pdir.join("next.spare"), &junk).expect("write spare");
+        let log = open(dir.path(), 64 << 20);
+        let mut w = log.writer(PartitionId(0)).expect("writer");
+        assert_eq!(list_segments(&pdir).expect("list"), vec![0]);
+        assert_eq!(wait_for_spare(&pdir).len(), 0, "a fresh spare replaced it");
+        let end = log.end(PartitionId(0)).expect("end").0;
+        assert_eq!(w.append(&[sample(9)]).expect("append"), vec![Position(end)]);
+        drop(w);
+        assert_eq!(
+            read_positions(&log, 0).expect("read"),
+            (0..=end).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn a_segment_whose_header_never_reached_the_disk_gets_it_again() {
+    let dir = TempDir::new().expect("tempdir");
+    let pdir = partition_dir(dir.path(), 0);
+    {
+        let log = open(dir.path(), 1024);
+        let mut w = log.writer(PartitionId(0)).expect("writer");
+        append_until_segments(w.as_mut(), &pdir, 2);
+    }
+    // The rename reached the disk, nothing written into the file did (so the
+    // append that rolled was never acknowledged).
+    let bases = list_segments(&pdir).expect("list");
+    fs::File::create(segment_path(&pdir, bases[1])).expect("truncate");
+    let log = open(dir.path(), 1024);
+    let mut w = log.writer(PartitionId(0)).expect("writer");
+    assert_eq!(
+        w.append(&[sample(0)]).expect("append"),
+        vec![Position(bases[1])]
+    );
+    drop(w);
+    assert_eq!(
+        read_positions(&log, 0).expect("read"),
+        (0..=bases[1]).collect::<Vec<_>>()
+    );
+}

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use super::format::{SEGMENT_HEADER_LEN, decode_segment_header, encode_frame};
+use super::roll::{self, Roller};
 use super::scan::{INDEX_STRIDE, Recovery, recovery, scan};
 use super::segment::{
     create_private_dir, create_segment, io_err, list_segments, read_index, segment_path,
@@ -35,6 +36,7 @@ pub struct FileWriter {
     /// Set when a failed write could not be rolled back: every later append fails.
     poisoned: Option<String>,
     flusher: Option<Flusher>,
+    roller: Roller,
 }
 
 #[derive(Debug)]
@@ -63,6 +65,7 @@ impl FileWriter {
         create_private_dir(&dir)?;
         let lock = take_lock(&dir)?;
         let partition = shared.partition.0;
+        roll::recover_spare(&dir, partition)?;
         let mut bases = list_segments(&dir)?;
         if bases.is_empty() {
             create_segment(&dir, partition, 0)?;
@@ -72,9 +75,11 @@ impl FileWriter {
         let base = *bases.last().unwrap_or(&0);
         let path = segment_path(&dir, base);
         let mut data = fs::read(&path).map_err(io_err("read segment", &path))?;
-        if data.len() < SEGMENT_HEADER_LEN && bases.len() == 1 && base == 0 {
-            // Crashed while creating the very first segment: nothing was ever written.
-            create_segment(&dir, partition, 0)?;
+        if data.len() < SEGMENT_HEADER_LEN {
+            // Crashed while creating the segment (the first one, or in a roll):
+            // nothing in it was ever acknowledged, and the segments before it
+            // were checked to end where it starts.
+            create_segment(&dir, partition, base)?;
             data = fs::read(&path).map_err(io_err("read segment", &path))?;
         }
         let (p, b) = decode_segment_header(&data).map_err(|reason| LogError::Corrupt {
@@ -128,6 +133,7 @@ impl FileWriter {
             FsyncPolicy::Interval(every) => Some(spawn_flusher(&file, &path, every)?),
             FsyncPolicy::Always | FsyncPolicy::Batch | FsyncPolicy::Never => None,
         };
+        let roller = Roller::start(dir, partition)?;
         shared.publish(end, true);
         Ok(FileWriter {
             shared,
@@ -143,23 +149,32 @@ impl FileWriter {
             config: config.clone(),
             poisoned: None,
             flusher,
+            roller,
         })
     }
 
-    /// Seals the active segment and starts a new one at the current end.
+    /// Seals the active segment and starts a new one at the current end: in
+    /// the spare the roller prepared if there is one (see [`roll`]), the index
+    /// written after.
     fn roll(&mut self) -> Result<(), LogError> {
+        // A no-op with `fsync = batch` (every batch was synced); otherwise what
+        // keeps the segments contiguous across a crash.
         self.file
-            .sync_all()
+            .sync_data()
             .map_err(io_err("sync segment", &self.path))?;
-        write_index(&self.shared.dir, self.base, self.seg_records, &self.index)?;
-        let file = create_segment(&self.shared.dir, self.shared.partition.0, self.end)?;
+        let (dir, partition) = (&self.shared.dir, self.shared.partition.0);
+        let file = match self.roller.take_spare() {
+            Some(spare) => roll::adopt(spare, dir, partition, self.end)?,
+            None => create_segment(dir, partition, self.end)?,
+        };
+        let index = std::mem::take(&mut self.index);
+        self.roller.sealed(self.base, self.seg_records, index);
         self.flusher = None;
         self.file = file;
         self.path = segment_path(&self.shared.dir, self.end);
         self.base = self.end;
         self.seg_len = SEGMENT_HEADER_LEN as u64;
         self.seg_records = 0;
-        self.index.clear();
         if let FsyncPolicy::Interval(every) = self.config.fsync {
             self.flusher = Some(spawn_flusher(&self.file, &self.path, every)?);
         }
