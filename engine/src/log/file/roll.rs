@@ -103,26 +103,21 @@ enum Job {
 }
 
 /// The helper thread of one partition's writer.
+#[derive(Debug)]
 pub(super) struct Roller {
     jobs: Option<Sender<Job>>,
-    /// Spares made on request (`None`: making one failed).
+    /// Spares made on request (`None`: making one failed); at most one is
+    /// asked for at a time, so the helper never waits to hand one over.
     spares: Receiver<Option<File>>,
     /// A spare was asked for and has not been taken.
     asked: bool,
     handle: Option<JoinHandle<()>>,
 }
 
-impl std::fmt::Debug for Roller {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Roller")
-            .field("asked", &self.asked)
-            .finish()
-    }
-}
-
 impl Roller {
     /// Starts the helper, which makes the first spare at once.
     pub(super) fn start(dir: PathBuf, partition: u32) -> Result<Roller, LogError> {
+        let path = dir.clone();
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
         let (spares_tx, spares_rx) = crossbeam_channel::bounded(1);
         let handle = std::thread::Builder::new()
@@ -150,23 +145,15 @@ impl Roller {
                     }
                 }
             })
-            .map_err(|e| LogError::Io {
-                op: "spawn segment roller",
-                path: PathBuf::new(),
-                source: e,
-            })?;
-        let roller = Roller {
+            .map_err(io_err("spawn segment roller", &path))?;
+        let mut roller = Roller {
             jobs: Some(jobs_tx),
             spares: spares_rx,
             asked: false,
             handle: Some(handle),
         };
-        Ok(roller.ask())
-    }
-
-    fn ask(mut self) -> Self {
-        self.request_spare();
-        self
+        roller.request_spare();
+        Ok(roller)
     }
 
     fn request_spare(&mut self) {
@@ -203,8 +190,6 @@ impl Drop for Roller {
     /// Finishes queued indexes (a writer reopened in this process must not race them).
     fn drop(&mut self) {
         self.jobs = None;
-        // Unblocks a helper waiting to hand over a spare nobody will take.
-        let _ = self.spares.try_recv();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
