@@ -11,12 +11,15 @@
 //!
 //! After a crash: a spare that was renamed may still be under its spare name
 //! (the rename reaches the disk with the next directory sync, which the helper
-//! does when it creates the next spare), so opening the log adopts a spare whose header
-//! names a segment that does not exist yet, and removes any other spare (without
-//! a valid header it never held an acknowledged record: the `fdatasync` that
-//! acknowledged one covered the header). A last segment shorter than a header is
-//! a roll whose header never reached the disk, and gets its header again. A
-//! sealed segment without an index is scanned, as before.
+//! does when it creates the next spare), so opening the partition's writer
+//! adopts a spare whose header names a segment after the last one, and removes
+//! any other spare (without a valid header it never held an acknowledged
+//! record: the `fdatasync` that acknowledged one covered the header). A last
+//! segment shorter than a header is a roll whose header never reached the disk,
+//! and gets its header again. A sealed segment without an index is scanned, as
+//! before. Until a writer opens, a reader-only process (`replay`, `audit`) does
+//! not see records left under the spare's name: the log it reads ends at the
+//! segment before.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
