@@ -22,6 +22,7 @@ pub use snapshot::{
 };
 pub use step::{StepState, StepStatus};
 pub use task::{TaskState, TaskStatus};
+#[cfg(feature = "runtime")]
 pub(crate) use task_map::SHARDS as TASK_SHARDS;
 
 use crate::record::{

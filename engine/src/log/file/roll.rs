@@ -24,9 +24,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
-
-use crossbeam_channel::{Receiver, Sender};
 
 use super::format::{decode_segment_header, encode_segment_header};
 use super::segment::{io_err, list_segments, segment_path, sync_dir, write_index};
@@ -121,8 +120,8 @@ impl Roller {
     /// Starts the helper, which makes the first spare at once.
     pub(super) fn start(dir: PathBuf, partition: u32) -> Result<Roller, LogError> {
         let path = dir.clone();
-        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
-        let (spares_tx, spares_rx) = crossbeam_channel::bounded(1);
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let (spares_tx, spares_rx) = mpsc::sync_channel(1);
         let handle = std::thread::Builder::new()
             .name(format!("tasker-log-roll-p{partition}"))
             .spawn(move || {
