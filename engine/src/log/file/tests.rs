@@ -392,6 +392,16 @@ fn append_until_segments(
     n
 }
 
+/// The writer appends at `at`, and a reader sees every position up to it.
+fn appends_continue_at(log: &FileLog, mut w: Box<dyn crate::log::LogWriter>, at: u64) {
+    assert_eq!(w.append(&[sample(at)]).expect("append"), vec![Position(at)]);
+    drop(w);
+    assert_eq!(
+        read_positions(log, 0).expect("read"),
+        (0..=at).collect::<Vec<_>>()
+    );
+}
+
 /// The roller prepares a spare as soon as a writer opens; waits for it.
 fn wait_for_spare(pdir: &std::path::Path) -> fs::Metadata {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -457,18 +467,13 @@ fn a_segment_left_under_the_spare_name_by_a_crash_is_adopted() {
     fs::remove_file(super::segment::index_path(&pdir, bases[1])).expect("remove index");
 
     let log = open(dir.path(), 1024);
-    let mut w = log.writer(PartitionId(0)).expect("writer");
+    let w = log.writer(PartitionId(0)).expect("writer");
     assert_eq!(
         list_segments(&pdir).expect("list"),
         bases,
         "the spare is a segment again"
     );
-    assert_eq!(w.append(&[sample(n)]).expect("append"), vec![Position(n)]);
-    drop(w);
-    assert_eq!(
-        read_positions(&log, 0).expect("read"),
-        (0..=n).collect::<Vec<_>>()
-    );
+    appends_continue_at(&log, w, n);
 }
 
 #[test]
@@ -487,16 +492,11 @@ fn a_spare_that_never_became_a_segment_is_removed_on_open() {
     ] {
         fs::write(pdir.join("next.spare"), &junk).expect("write spare");
         let log = open(dir.path(), 64 << 20);
-        let mut w = log.writer(PartitionId(0)).expect("writer");
+        let w = log.writer(PartitionId(0)).expect("writer");
         assert_eq!(list_segments(&pdir).expect("list"), vec![0]);
         assert_eq!(wait_for_spare(&pdir).len(), 0, "a fresh spare replaced it");
         let end = log.end(PartitionId(0)).expect("end").0;
-        assert_eq!(w.append(&[sample(9)]).expect("append"), vec![Position(end)]);
-        drop(w);
-        assert_eq!(
-            read_positions(&log, 0).expect("read"),
-            (0..=end).collect::<Vec<_>>()
-        );
+        appends_continue_at(&log, w, end);
     }
 }
 
@@ -514,14 +514,6 @@ fn a_segment_whose_header_never_reached_the_disk_gets_it_again() {
     let bases = list_segments(&pdir).expect("list");
     fs::File::create(segment_path(&pdir, bases[1])).expect("truncate");
     let log = open(dir.path(), 1024);
-    let mut w = log.writer(PartitionId(0)).expect("writer");
-    assert_eq!(
-        w.append(&[sample(0)]).expect("append"),
-        vec![Position(bases[1])]
-    );
-    drop(w);
-    assert_eq!(
-        read_positions(&log, 0).expect("read"),
-        (0..=bases[1]).collect::<Vec<_>>()
-    );
+    let w = log.writer(PartitionId(0)).expect("writer");
+    appends_continue_at(&log, w, bases[1]);
 }
