@@ -95,7 +95,8 @@ pub fn create_segment(dir: &Path, partition: u32, base: u64) -> Result<File, Log
 
 /// Writes a sealed segment's record count and sparse index, without syncing:
 /// the index is a cache of a scan, checksummed, so one a crash lost or tore is
-/// `None` to [`read_index`] and the segment is scanned (and indexed) again.
+/// `None` to [`read_index`]: readers scan the segment, and the next writer to
+/// open the partition indexes it again.
 pub fn write_index(
     dir: &Path,
     base: u64,

@@ -406,7 +406,7 @@ fn appends_continue_at(log: &FileLog, mut w: Box<dyn crate::log::LogWriter>, at:
 fn wait_for_spare(pdir: &std::path::Path) -> fs::Metadata {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(meta) = fs::metadata(pdir.join("next.spare")) {
+        if let Ok(meta) = fs::metadata(super::roll::spare_path(pdir)) {
             return meta;
         }
         assert!(
@@ -461,7 +461,7 @@ fn a_segment_left_under_the_spare_name_by_a_crash_is_adopted() {
     // The crash came before the directory sync: the newest segment is still
     // named as the spare was, and the segment it follows has no index.
     let bases = list_segments(&pdir).expect("list");
-    let spare = pdir.join("next.spare");
+    let spare = super::roll::spare_path(&pdir);
     let _ = fs::remove_file(&spare);
     fs::rename(segment_path(&pdir, bases[2]), &spare).expect("rename back");
     fs::remove_file(super::segment::index_path(&pdir, bases[1])).expect("remove index");
@@ -490,7 +490,7 @@ fn a_spare_that_never_became_a_segment_is_removed_on_open() {
         b"torn".to_vec(),
         super::format::encode_segment_header(0, 0).to_vec(),
     ] {
-        fs::write(pdir.join("next.spare"), &junk).expect("write spare");
+        fs::write(super::roll::spare_path(&pdir), &junk).expect("write spare");
         let log = open(dir.path(), 64 << 20);
         let w = log.writer(PartitionId(0)).expect("writer");
         assert_eq!(list_segments(&pdir).expect("list"), vec![0]);

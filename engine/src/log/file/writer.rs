@@ -157,8 +157,8 @@ impl FileWriter {
     /// the spare the roller prepared if there is one (see [`roll`]), the index
     /// written after.
     fn roll(&mut self) -> Result<(), LogError> {
-        // A no-op with `fsync = batch` (every batch was synced); otherwise what
-        // keeps the segments contiguous across a crash.
+        // Nothing to write with `fsync = batch` or `always` (every batch was
+        // synced); otherwise what keeps the segments contiguous across a crash.
         self.file
             .sync_data()
             .map_err(io_err("sync segment", &self.path))?;
