@@ -15,7 +15,7 @@ pub mod checkpoints;
 pub mod history;
 pub mod index;
 pub mod replay;
-mod scan;
+pub(crate) mod scan;
 pub mod seal;
 pub mod verify;
 

@@ -2,7 +2,7 @@
 //! every structural problem with its position, file and byte offset (the log's own
 //! reader stops at the first one, or treats damage at the very end as a torn tail).
 
-use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -12,7 +12,9 @@ use crate::log::Record;
 use crate::log::file::format::{
     FRAME_MAGIC, FrameCheck, SEGMENT_HEADER_LEN, check_frame, decode_frame, decode_segment_header,
 };
-use crate::log::file::segment::{list_segments, partition_dir, read_index, segment_path};
+use crate::log::file::segment::{
+    open_segment, partition_dir, read_index, readable_segments, segment_path,
+};
 use crate::record::{PartitionId, Position};
 
 /// A structural problem in the files.
@@ -42,7 +44,7 @@ pub(crate) fn scan_partition(
     mut visit: impl FnMut(Position, Record),
 ) -> Result<RawOutcome, AuditError> {
     let dir = partition_dir(root, partition.0);
-    let bases = list_segments(&dir)?;
+    let bases = readable_segments(&dir, partition.0)?;
     let mut out = RawOutcome::default();
     let mut next = bases.first().copied().unwrap_or(0);
     if next != 0 {
@@ -57,7 +59,11 @@ pub(crate) fn scan_partition(
     let mut batch: Vec<(Position, Record)> = Vec::new();
     for (i, &base) in bases.iter().enumerate() {
         let last = i + 1 == bases.len();
-        let path = segment_path(&dir, base);
+        let Some((path, mut file)) = open_segment(&dir, partition.0, base)? else {
+            return Err(io_err("open segment", &segment_path(&dir, base))(
+                std::io::ErrorKind::NotFound.into(),
+            ));
+        };
         let finding = |position: u64, offset: u64, message: String| RawFinding {
             position: Position(position),
             path: path.clone(),
@@ -74,7 +80,10 @@ pub(crate) fn scan_partition(
             out.findings.push(finding(next.min(base), 0, message));
             return Ok(out);
         }
-        let data = Bytes::from(fs::read(&path).map_err(io_err("read segment", &path))?);
+        let mut data = Vec::new();
+        file.read_to_end(&mut data)
+            .map_err(io_err("read segment", &path))?;
+        let data = Bytes::from(data);
         match decode_segment_header(&data) {
             Ok((p, b)) if p == partition.0 && b == base => {}
             Ok((p, b)) => {

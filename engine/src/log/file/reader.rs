@@ -1,7 +1,7 @@
 //! Reading one partition in order, across segments, waking on appends made by a
 //! writer in the same process (or polling the files when the writer is elsewhere).
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use super::Shared;
 use super::format::{FrameCheck, SEGMENT_HEADER_LEN, check_frame, decode_frame};
 use super::scan::scan;
-use super::segment::{io_err, list_segments, read_index, segment_path};
+use super::segment::{self, io_err, read_index, readable_segments, spare_base};
 use crate::log::{LogError, LogReader, StoredRecord};
 use crate::record::{PartitionId, Position};
 
@@ -53,7 +53,8 @@ impl FileReader {
     /// Opens the segment holding `self.skip_to`, starting at the closest indexed frame.
     fn open_segment(&mut self) -> Result<bool, LogError> {
         let dir = &self.shared.dir;
-        let bases = list_segments(dir)?;
+        let partition = self.shared.partition.0;
+        let bases = readable_segments(dir, partition)?;
         let target = self.skip_to;
         let Some(&base) = bases.iter().rev().find(|&&b| b <= target) else {
             if let Some(&first) = bases.first() {
@@ -65,8 +66,9 @@ impl FileReader {
             }
             return Ok(false); // nothing written yet
         };
-        let path = segment_path(dir, base);
-        let mut file = File::open(&path).map_err(io_err("open segment", &path))?;
+        let Some((path, mut file)) = segment::open_segment(dir, partition, base)? else {
+            return Ok(false); // gone since the listing: look again on the next poll
+        };
         let mut header = [0u8; SEGMENT_HEADER_LEN];
         if file.read_exact(&mut header).is_err() {
             return Ok(false); // being created
@@ -102,8 +104,12 @@ impl FileReader {
         if self.segment.as_ref().is_some_and(|s| s.base >= self.next) {
             return Ok(false);
         }
-        let path = segment_path(&self.shared.dir, self.next);
-        if !path.exists() {
+        let dir = &self.shared.dir;
+        let exists = segment::segment_path(dir, self.next).exists()
+            // A writer in this process adopted any spare a crash left.
+            || (self.shared.visible_end().is_none()
+                && spare_base(dir, self.shared.partition.0)? == Some(self.next));
+        if !exists {
             return Ok(false);
         }
         self.segment = None;
@@ -151,7 +157,7 @@ impl FileReader {
                     return Ok(());
                 }
                 FrameCheck::Invalid(reason) => {
-                    let sealed = list_segments(&self.shared.dir)?
+                    let sealed = readable_segments(&self.shared.dir, self.shared.partition.0)?
                         .last()
                         .is_some_and(|&b| b > seg.base);
                     if sealed || limit.is_some_and(|l| self.next < l) || intact_after(seg)? {
@@ -244,11 +250,19 @@ impl LogReader for FileReader {
 /// The end of a partition no writer in this process knows: the last segment's base
 /// plus its whole batches.
 pub(crate) fn scan_end(shared: &Shared) -> Result<u64, LogError> {
-    let bases = list_segments(&shared.dir)?;
-    let Some(&base) = bases.last() else {
+    let partition = shared.partition.0;
+    let Some(&base) = readable_segments(&shared.dir, partition)?.last() else {
         return Ok(0);
     };
-    let path = segment_path(&shared.dir, base);
-    let data = fs::read(&path).map_err(io_err("read segment", &path))?;
+    let Some((path, mut file)) = segment::open_segment(&shared.dir, partition, base)? else {
+        return Err(LogError::Corrupt {
+            path: segment::segment_path(&shared.dir, base),
+            offset: 0,
+            reason: "the last segment disappeared while the log was read".into(),
+        });
+    };
+    let mut data = Vec::new();
+    file.read_to_end(&mut data)
+        .map_err(io_err("read segment", &path))?;
     Ok(base + scan(&data).records)
 }

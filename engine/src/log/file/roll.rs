@@ -17,9 +17,8 @@
 //! record: the `fdatasync` that acknowledged one covered the header). A last
 //! segment shorter than a header is a roll whose header never reached the disk,
 //! and gets its header again. A sealed segment without an index is scanned, as
-//! before. Until a writer opens, a reader-only process (`replay`, `audit`) does
-//! not see records left under the spare's name: the log it reads ends at the
-//! segment before.
+//! before. Readers (`replay`, `audit`, a reader in another process) read such a
+//! spare where it lies until a writer renames it (`segment::readable_segments`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -27,14 +26,11 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 
-use super::format::{decode_segment_header, encode_segment_header};
-use super::segment::{io_err, list_segments, segment_path, sync_dir, write_index};
+use super::format::encode_segment_header;
+use super::segment::{
+    io_err, list_segments, segment_path, spare_base, spare_path, sync_dir, write_index,
+};
 use crate::log::LogError;
-
-/// The spare's name: not a segment name, so listings never see it.
-pub(super) fn spare_path(dir: &Path) -> PathBuf {
-    dir.join("next.spare")
-}
 
 /// Turns the spare into the segment starting at `base`: header written (not
 /// synced: the first append's `fdatasync` covers it), then renamed.
@@ -58,14 +54,12 @@ pub(super) fn adopt(
 /// spare that never became a segment.
 pub(super) fn recover_spare(dir: &Path, partition: u32) -> Result<(), LogError> {
     let spare = spare_path(dir);
-    let data = match fs::read(&spare) {
-        Ok(data) => data,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err("read spare segment", &spare)(e)),
-    };
+    if !spare.exists() {
+        return Ok(());
+    }
     let last = list_segments(dir)?.last().copied();
-    match decode_segment_header(&data) {
-        Ok((p, base)) if p == partition && last.is_none_or(|last| base > last) => {
+    match spare_base(dir, partition)? {
+        Some(base) if last.is_none_or(|last| base > last) => {
             let path = segment_path(dir, base);
             tracing::warn!(
                 partition,

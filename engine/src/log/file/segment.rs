@@ -11,10 +11,10 @@
 //! ```
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use super::format::encode_segment_header;
+use super::format::{SEGMENT_HEADER_LEN, decode_segment_header, encode_segment_header};
 use crate::log::LogError;
 
 pub fn partition_dir(root: &Path, partition: u32) -> PathBuf {
@@ -55,6 +55,85 @@ pub fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
     }
     bases.sort_unstable();
     Ok(bases)
+}
+
+/// The spare the writer's roller keeps ready (see `roll`): not a segment name,
+/// so [`list_segments`] never sees it.
+pub(crate) fn spare_path(dir: &Path) -> PathBuf {
+    dir.join("next.spare")
+}
+
+/// The base the spare's header names, if it holds a valid header of this
+/// partition: a segment a crash may have left under the spare's name (its
+/// rename not yet durable). An empty or torn spare never held a record.
+pub(crate) fn spare_base(dir: &Path, partition: u32) -> Result<Option<u64>, LogError> {
+    let path = spare_path(dir);
+    let mut header = [0u8; SEGMENT_HEADER_LEN];
+    let read = File::open(&path).and_then(|mut f| f.read_exact(&mut header));
+    match read {
+        Ok(()) => Ok(match decode_segment_header(&header) {
+            Ok((p, base)) if p == partition => Some(base),
+            _ => None,
+        }),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(io_err("read spare segment", &path)(e)),
+    }
+}
+
+/// The segments a reader sees: the listed ones, then a spare that holds the
+/// segment after the last (a crash before its rename was durable). Readers
+/// open them with [`open_segment`]; only a writer's open renames such a spare.
+pub(crate) fn readable_segments(dir: &Path, partition: u32) -> Result<Vec<u64>, LogError> {
+    let mut bases = list_segments(dir)?;
+    if let Some(base) = spare_base(dir, partition)?
+        && bases.last().is_none_or(|&last| base > last)
+    {
+        bases.push(base);
+    }
+    Ok(bases)
+}
+
+/// Opens the segment starting at `base` for reading: under its name or, for one
+/// [`readable_segments`] found under the spare's name, under that. `None` if
+/// neither holds it.
+pub(crate) fn open_segment(
+    dir: &Path,
+    partition: u32,
+    base: u64,
+) -> Result<Option<(PathBuf, File)>, LogError> {
+    let path = segment_path(dir, base);
+    match File::open(&path) {
+        Ok(file) => return Ok(Some((path, file))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("open segment", &path)(e)),
+    }
+    let spare = spare_path(dir);
+    match File::open(&spare) {
+        Ok(mut file) => {
+            let mut header = [0u8; SEGMENT_HEADER_LEN];
+            if file.read_exact(&mut header).is_ok()
+                && decode_segment_header(&header) == Ok((partition, base))
+            {
+                file.rewind().map_err(io_err("open segment", &spare))?;
+                return Ok(Some((spare, file)));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("open segment", &spare)(e)),
+    }
+    // A writer may have renamed it since the first look.
+    match File::open(&path) {
+        Ok(file) => Ok(Some((path, file))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("open segment", &path)(e)),
+    }
 }
 
 /// Creates a directory (and parents) readable only by its owner.

@@ -406,7 +406,7 @@ fn appends_continue_at(log: &FileLog, mut w: Box<dyn crate::log::LogWriter>, at:
 fn wait_for_spare(pdir: &std::path::Path) -> fs::Metadata {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(meta) = fs::metadata(super::roll::spare_path(pdir)) {
+        if let Ok(meta) = fs::metadata(super::segment::spare_path(pdir)) {
             return meta;
         }
         assert!(
@@ -447,25 +447,32 @@ fn a_roll_renames_the_prepared_spare_and_indexes_the_sealed_segment_after() {
     );
 }
 
-#[test]
-fn a_segment_left_under_the_spare_name_by_a_crash_is_adopted() {
-    let dir = TempDir::new().expect("tempdir");
-    let pdir = partition_dir(dir.path(), 0);
+/// Three segments and one more record, then the crash this simulates came
+/// before the directory sync: the newest segment is still named as the spare
+/// was, and the segment it follows has no index. Returns the segments' bases
+/// and the record count.
+fn crash_before_the_roll_was_durable(root: &std::path::Path) -> (Vec<u64>, u64) {
+    let pdir = partition_dir(root, 0);
     let n = {
-        let log = open(dir.path(), 1024);
+        let log = open(root, 1024);
         let mut w = log.writer(PartitionId(0)).expect("writer");
         let n = append_until_segments(w.as_mut(), &pdir, 3);
         w.append(&[sample(n)]).expect("append");
         n + 1
     };
-    // The crash came before the directory sync: the newest segment is still
-    // named as the spare was, and the segment it follows has no index.
     let bases = list_segments(&pdir).expect("list");
-    let spare = super::roll::spare_path(&pdir);
+    let spare = super::segment::spare_path(&pdir);
     let _ = fs::remove_file(&spare);
     fs::rename(segment_path(&pdir, bases[2]), &spare).expect("rename back");
     fs::remove_file(super::segment::index_path(&pdir, bases[1])).expect("remove index");
+    (bases, n)
+}
 
+#[test]
+fn a_segment_left_under_the_spare_name_by_a_crash_is_adopted() {
+    let dir = TempDir::new().expect("tempdir");
+    let pdir = partition_dir(dir.path(), 0);
+    let (bases, n) = crash_before_the_roll_was_durable(dir.path());
     let log = open(dir.path(), 1024);
     let w = log.writer(PartitionId(0)).expect("writer");
     assert_eq!(
@@ -474,6 +481,37 @@ fn a_segment_left_under_the_spare_name_by_a_crash_is_adopted() {
         "the spare is a segment again"
     );
     appends_continue_at(&log, w, n);
+}
+
+#[test]
+fn readers_see_a_segment_left_under_the_spare_name_before_a_writer_adopts_it() {
+    let dir = TempDir::new().expect("tempdir");
+    let pdir = partition_dir(dir.path(), 0);
+    let (bases, n) = crash_before_the_roll_was_durable(dir.path());
+    let log = FileLog::open_existing(dir.path()).expect("open");
+    assert_eq!(log.end(PartitionId(0)).expect("end"), Position(n));
+    assert_eq!(
+        read_positions(&log, 0).expect("read"),
+        (0..n).collect::<Vec<_>>(),
+        "a reader-only process reads the records under the spare's name"
+    );
+    // From a position inside that segment, as a resumed consumer would.
+    let mut r = log
+        .reader(PartitionId(0), Position(bases[2]))
+        .expect("reader");
+    let got = r.poll(usize::MAX, Duration::from_millis(50)).expect("poll");
+    assert_eq!(
+        got.iter().map(|s| s.position.0).collect::<Vec<_>>(),
+        (bases[2]..n).collect::<Vec<_>>()
+    );
+    let raw = crate::audit::scan::scan_partition(dir.path(), PartitionId(0), |_, _| {})
+        .expect("audit scan");
+    assert_eq!(raw.end, Position(n), "the audit scan reads it too");
+    assert!(raw.findings.is_empty(), "{:?}", raw.findings);
+    assert!(
+        super::segment::spare_path(&pdir).exists(),
+        "readers leave the spare where it is"
+    );
 }
 
 #[test]
@@ -490,7 +528,7 @@ fn a_spare_that_never_became_a_segment_is_removed_on_open() {
         b"torn".to_vec(),
         super::format::encode_segment_header(0, 0).to_vec(),
     ] {
-        fs::write(super::roll::spare_path(&pdir), &junk).expect("write spare");
+        fs::write(super::segment::spare_path(&pdir), &junk).expect("write spare");
         let log = open(dir.path(), 64 << 20);
         let w = log.writer(PartitionId(0)).expect("writer");
         assert_eq!(list_segments(&pdir).expect("list"), vec![0]);
