@@ -9,7 +9,6 @@
 //! positions are the offsets the broker assigns. Readers are assign-mode
 //! consumers that never commit.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -525,28 +524,27 @@ impl KafkaReader {
     }
 }
 
-/// Our headers back from Kafka's (missing or unknown ones stay unknown).
+/// Our headers back from Kafka's (missing or unknown ones stay unknown; of a
+/// repeated one, the last counts). One pass, no map: this runs per record.
 fn parse_headers(m: &rdkafka::message::BorrowedMessage<'_>) -> Headers {
     let mut h = Headers::unknown();
     let Some(headers) = m.headers() else { return h };
-    let mut values: HashMap<&str, &[u8]> = HashMap::new();
     for header in headers.iter() {
-        if let Some(v) = header.value {
-            values.insert(header.key, v);
+        let Some(value) = header.value else { continue };
+        let text = || std::str::from_utf8(value).ok();
+        match header.key {
+            "content-type" => {
+                if let Some(ct) = text() {
+                    h.content_type = ContentType::from_mime(ct);
+                }
+            }
+            "tasker-type" => h.record_type = text().and_then(RecordType::from_name),
+            "tasker-kind" => h.kind = text().and_then(|k| k.parse::<Kind>().ok()),
+            "tasker-schema" => h.schema = text().and_then(|s| s.parse().ok()).unwrap_or(0),
+            "tasker-namespace" => h.namespace = Some(Bytes::copy_from_slice(value)),
+            _ => {}
         }
     }
-    let text = |k: &str| values.get(k).and_then(|v| std::str::from_utf8(v).ok());
-    if let Some(ct) = text("content-type") {
-        h.content_type = ContentType::from_mime(ct);
-    }
-    h.record_type = text("tasker-type").and_then(RecordType::from_name);
-    h.kind = text("tasker-kind").and_then(|k| k.parse::<Kind>().ok());
-    h.schema = text("tasker-schema")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    h.namespace = values
-        .get("tasker-namespace")
-        .map(|v| Bytes::copy_from_slice(v));
     h
 }
 
