@@ -39,8 +39,18 @@ impl SqliteStore {
         } else {
             format!("sqlite://{url}")
         };
-        let options = SqliteConnectOptions::from_str(&url)
-            .map_err(|e| StoreError::Connect(e.to_string()))?
+        let options =
+            SqliteConnectOptions::from_str(&url).map_err(|e| StoreError::Connect(e.to_string()))?;
+        // The data directory exists only once something wrote there (the file
+        // log does; a Kafka engine writes nothing else locally first).
+        if let Some(dir) = options.get_filename().parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Connect(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)

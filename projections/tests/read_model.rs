@@ -329,6 +329,23 @@ fn world() -> (Vec<TaskId>, Vec<Envelope>) {
     (ids, records)
 }
 
+/// `tasker run` on Kafka opens the default SQLite read model before anything
+/// else has written under the data directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_read_model_is_created_with_its_missing_directories() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir
+        .path()
+        .join("tasker-data")
+        .join("sub")
+        .join("read-model.db");
+    let store = Store::open(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("open creates the directories");
+    store.migrate().await.expect("migrate");
+    assert!(path.exists(), "{} was not created", path.display());
+}
+
 /// The moment most questions are asked at: after everything above, before A's
 /// retry is due.
 const NOW: u64 = 4_000;
