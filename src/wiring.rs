@@ -76,6 +76,7 @@ impl Setup {
             KafkaLogConfig::new(&brokers, &self.config.log.topic, self.config.log.partitions);
         c.linger_ms = self.config.kafka.linger_ms;
         c.batch_size = self.config.kafka.batch_size;
+        c.fetch_wait_ms = self.config.kafka.fetch_wait_ms;
         Ok(c)
     }
 

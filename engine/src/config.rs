@@ -123,6 +123,10 @@ pub struct KafkaConfig {
     /// Producer batching: how long to wait to fill a batch.
     pub linger_ms: u64,
     pub batch_size: u64,
+    /// How long the broker may hold a fetch that finds nothing new: the idle
+    /// cost of every reader (one fetch per reader per wait) against the read
+    /// latency on brokers that answer a held fetch only when it expires.
+    pub fetch_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -367,6 +371,7 @@ impl Default for KafkaConfig {
             group_id: "tasker-engine".into(),
             linger_ms: 5,
             batch_size: 1_000_000,
+            fetch_wait_ms: 10,
         }
     }
 }
@@ -531,6 +536,13 @@ impl Config {
                 message: "required when log.backend = \"kafka\" (or set TASKER_KAFKA_BROKERS)"
                     .into(),
             });
+        }
+        if self.kafka.fetch_wait_ms > 60_000 {
+            return Err(ConfigError::new(
+                "kafka.fetch_wait_ms",
+                self.kafka.fetch_wait_ms,
+                "must be at most 60000",
+            ));
         }
         let e = &self.execution;
         if e.max_concurrent_steps == 0 || e.max_concurrent_steps > 100_000 {
@@ -896,6 +908,11 @@ secret = "0123456789abcdef0123456789abcdef"
                 "api.bind` = \"localhost\"",
             ),
             ("[log]\nbackend = \"kafka\"", &[], "kafka.brokers"),
+            (
+                "",
+                &[("TASKER_KAFKA__FETCH_WAIT_MS", "600000")],
+                "kafka.fetch_wait_ms` = \"600000\"",
+            ),
             ("[log]\nbakend = \"file\"", &[], "bakend"),
             ("", &[("TASKER_LOG__BAKEND", "file")], "TASKER_LOG__BAKEND"),
             ("", &[("TASKER_LOG__PARTITIONS", "many")], "partitions"),
