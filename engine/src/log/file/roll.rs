@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 
 use super::format::encode_segment_header;
 use super::segment::{
-    io_err, list_segments, segment_path, spare_base, spare_path, sync_dir, write_index,
+    io_err, list_segments, segment_path, spare_path, sync_dir, unrenamed_spare, write_index,
 };
 use crate::log::LogError;
 
@@ -57,9 +57,8 @@ pub(super) fn recover_spare(dir: &Path, partition: u32) -> Result<(), LogError> 
     if !spare.exists() {
         return Ok(());
     }
-    let last = list_segments(dir)?.last().copied();
-    match spare_base(dir, partition)? {
-        Some(base) if last.is_none_or(|last| base > last) => {
+    match unrenamed_spare(dir, partition, &list_segments(dir)?)? {
+        Some(base) => {
             let path = segment_path(dir, base);
             tracing::warn!(
                 partition,
@@ -68,7 +67,7 @@ pub(super) fn recover_spare(dir: &Path, partition: u32) -> Result<(), LogError> 
             );
             fs::rename(&spare, &path).map_err(io_err("rename spare segment", &path))?;
         }
-        _ => fs::remove_file(&spare).map_err(io_err("remove spare segment", &spare))?,
+        None => fs::remove_file(&spare).map_err(io_err("remove spare segment", &spare))?,
     }
     sync_dir(dir)
 }

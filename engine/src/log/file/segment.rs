@@ -92,12 +92,20 @@ pub(crate) fn spare_base(dir: &Path, partition: u32) -> Result<Option<u64>, LogE
 /// open them with [`open_segment`]; only a writer's open renames such a spare.
 pub(crate) fn readable_segments(dir: &Path, partition: u32) -> Result<Vec<u64>, LogError> {
     let mut bases = list_segments(dir)?;
-    if let Some(base) = spare_base(dir, partition)?
-        && bases.last().is_none_or(|&last| base > last)
-    {
+    if let Some(base) = unrenamed_spare(dir, partition, &bases)? {
         bases.push(base);
     }
     Ok(bases)
+}
+
+/// The base of a spare holding the segment after the `listed` ones: one whose
+/// rename a crash may have lost (any other spare never held a record).
+pub(crate) fn unrenamed_spare(
+    dir: &Path,
+    partition: u32,
+    listed: &[u64],
+) -> Result<Option<u64>, LogError> {
+    Ok(spare_base(dir, partition)?.filter(|&base| listed.last().is_none_or(|&last| base > last)))
 }
 
 /// Opens the segment starting at `base` for reading: under its name or, for one
