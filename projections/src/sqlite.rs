@@ -42,11 +42,19 @@ impl SqliteStore {
         let options =
             SqliteConnectOptions::from_str(&url).map_err(|e| StoreError::Connect(e.to_string()))?;
         // The data directory exists only once something wrote there (the file
-        // log does; a Kafka engine writes nothing else locally first).
+        // log does; a Kafka engine writes nothing else locally first). Private,
+        // as the log's: the read model holds task contexts.
         if let Some(dir) = options.get_filename().parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir).map_err(|e| {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                builder.mode(0o700);
+            }
+            builder.create(dir).map_err(|e| {
                 StoreError::Connect(format!("cannot create {}: {e}", dir.display()))
             })?;
         }

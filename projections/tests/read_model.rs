@@ -344,6 +344,17 @@ async fn a_sqlite_read_model_is_created_with_its_missing_directories() {
         .expect("open creates the directories");
     store.migrate().await.expect("migrate");
     assert!(path.exists(), "{} was not created", path.display());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [
+            path.parent().unwrap(),
+            path.parent().unwrap().parent().unwrap(),
+        ] {
+            let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{} is readable by others", dir.display());
+        }
+    }
 }
 
 /// The moment most questions are asked at: after everything above, before A's
