@@ -47,16 +47,8 @@ impl SqliteStore {
         if let Some(dir) = options.get_filename().parent()
             && !dir.as_os_str().is_empty()
         {
-            let mut builder = std::fs::DirBuilder::new();
-            builder.recursive(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::DirBuilderExt;
-                builder.mode(0o700);
-            }
-            builder.create(dir).map_err(|e| {
-                StoreError::Connect(format!("cannot create {}: {e}", dir.display()))
-            })?;
+            tasker_engine::log::file::create_private_dir(dir)
+                .map_err(|e| StoreError::Connect(e.to_string()))?;
         }
         let options = options
             .create_if_missing(true)

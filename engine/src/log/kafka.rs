@@ -316,8 +316,8 @@ pub struct KafkaWriter {
 /// How long one `poll` of the producer's thread lasts. rdkafka's `poll` runs
 /// until its deadline and, once less than a millisecond is left, polls without
 /// waiting: the last millisecond of every window is a busy loop. Polling from
-/// the appending thread in 5 ms windows spent a fifth of a processor's CPU
-/// there and rounded every append up to 5 ms.
+/// the appending thread in 5 ms windows spent ~16 % of a processor thread's
+/// time there and rounded every append up to a multiple of 5 ms.
 const POLL_WINDOW: Duration = Duration::from_millis(500);
 
 /// The thread that serves a producer's delivery reports as they arrive, so an

@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 pub use format::{FRAME_HEADER_LEN, SEGMENT_HEADER_LEN};
 pub use reader::FileReader;
 pub use scan::{Damage, Recovery, ScanResult, recovery, scan};
+pub use segment::create_private_dir;
 pub use writer::FileWriter;
 
 use super::{Log, LogError, LogReader, LogWriter};
 use crate::record::{PartitionId, Position};
-use segment::{create_private_dir, io_err, partition_dir};
+use segment::{io_err, partition_dir};
 
 /// When appends reach the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

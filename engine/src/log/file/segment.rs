@@ -144,7 +144,8 @@ pub(crate) fn open_segment(
     }
 }
 
-/// Creates a directory (and parents) readable only by its owner.
+/// Creates a directory (and parents) readable only by its owner: the log and
+/// the SQLite read model both hold task contexts.
 pub fn create_private_dir(dir: &Path) -> Result<(), LogError> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
