@@ -360,6 +360,13 @@ fn scale_out(
     template: &tasker_engine::template::Template,
 ) -> anyhow::Result<()> {
     let config = setup.kafka_config()?;
+    let workload = crate::scaleout::Workload {
+        template_yaml: yaml,
+        template,
+        tasks: args.tasks,
+        partitions: args.partitions,
+        read_model: args.read_model.as_deref(),
+    };
     let mut runs = Vec::new();
     for &n in &args.engines {
         if !cli.json {
@@ -368,20 +375,18 @@ fn scale_out(
                 args.tasks, args.partitions
             );
         }
-        let run = crate::scaleout::run(
-            &config,
-            yaml,
-            template,
-            args.tasks,
-            args.partitions,
-            n,
-            cli.json,
-        )?;
+        let run = crate::scaleout::run(&config, &workload, n, cli.json)?;
         if !cli.json {
             println!(
                 "{n} engine(s)   {:>10.0} tasks/s   ({:.2} s)",
                 run.tasks_per_s, run.seconds
             );
+            if let Some(p) = &run.projection {
+                println!(
+                    "               read model complete after {:.2} s; {} transactions committed, {} rolled back",
+                    p.seconds, p.commits, p.rollbacks
+                );
+            }
         }
         runs.push(run);
     }
@@ -389,7 +394,8 @@ fn scale_out(
     if cli.json {
         let out: Vec<_> = runs
             .iter()
-            .map(|r| json!({"engines": r.engines, "seconds": r.seconds, "tasks_per_s": r.tasks_per_s, "speedup": r.tasks_per_s / base}))
+            .map(|r| json!({"engines": r.engines, "seconds": r.seconds, "tasks_per_s": r.tasks_per_s, "speedup": r.tasks_per_s / base,
+                "read_model": r.projection.as_ref().map(|p| json!({"seconds": p.seconds, "commits": p.commits, "rollbacks": p.rollbacks}))}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {

@@ -351,4 +351,9 @@ pub struct BenchArgs {
     /// speed-up).
     #[arg(long, value_delimiter = ',')]
     pub engines: Vec<usize>,
+    /// With `--engines`: the engines project into a fresh database on this
+    /// PostgreSQL server (`postgres://...`), and each run also reports when the
+    /// read model held every task as complete.
+    #[arg(long, requires = "engines")]
+    pub read_model: Option<String>,
 }

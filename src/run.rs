@@ -73,16 +73,23 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     let info_path = run_info_path(&setup.config.data_dir);
     let projectors = if setup.config.projector.enabled {
         let store = rt.block_on(crate::project::open_store(&setup))?;
-        // Kafka: every partition (checkpoints are compared and moved atomically, so
-        // engines projecting the same partition do not double-apply).
-        let partitions: Vec<_> = (0..log.partitions())
-            .map(tasker_engine::record::PartitionId)
-            .collect();
+        // A shared read model (PostgreSQL) is projected by each engine for the
+        // partitions it owns, following them as the group moves them, so every
+        // batch is written once; a read model of this process's own (SQLite) needs
+        // every partition. A projector still writing a partition that moved away
+        // loses nothing: checkpoints are compared and moved atomically.
+        let scope: crate::project::Scope = match &store {
+            tasker_projections::Store::Postgres(_) => {
+                let engine = Arc::clone(&engine);
+                Box::new(move || engine.owned_partitions())
+            }
+            tasker_projections::Store::Sqlite(_) => crate::project::all_partitions(log.as_ref()),
+        };
         Some(rt.block_on(async {
             crate::project::Projectors::start(
                 store,
                 Arc::clone(&log),
-                &partitions,
+                scope,
                 &crate::project::options(&setup),
             )
         }))

@@ -1,6 +1,8 @@
 //! `tasker bench --engines N[,M...]` on Kafka: the same workload run by N `tasker
 //! run` processes sharing one topic through the consumer group, timed from the
-//! first command produced to the last `task.completed` read from the topic.
+//! first command produced to the last `task.completed` read from the topic, and,
+//! with `--read-model`, to the read model (a fresh PostgreSQL database the engines
+//! share) holding every task as complete.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -9,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use sqlx::Connection;
 use tasker_engine::codec;
 use tasker_engine::log::kafka::{KafkaLog, KafkaLogConfig};
 use tasker_engine::log::{Log, partition_for_task};
@@ -25,6 +28,95 @@ pub struct Run {
     pub engines: usize,
     pub seconds: f64,
     pub tasks_per_s: f64,
+    pub projection: Option<Projection>,
+}
+
+/// How the engines' shared read model kept up.
+#[derive(Debug, Clone, Copy)]
+pub struct Projection {
+    /// From the first command to every task complete in the read model.
+    pub seconds: f64,
+    /// The database's transactions (the bench's own few polls included): a
+    /// rollback is a batch lost to another engine's projector.
+    pub commits: i64,
+    pub rollbacks: i64,
+}
+
+/// A database of the run's own on the `--read-model` server, dropped after it.
+struct ReadModel {
+    rt: tokio::runtime::Runtime,
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl ReadModel {
+    fn create(server: &str) -> anyhow::Result<ReadModel> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let name = format!("tasker_scaleout_{}", uuid::Uuid::now_v7().simple());
+        rt.block_on(async {
+            let mut conn = sqlx::PgConnection::connect(server).await?;
+            // The name is ours (a fixed prefix and a UUID), never input.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut conn)
+                .await?;
+            anyhow::Ok(())
+        })
+        .with_context(|| format!("creating a database on --read-model {server}"))?;
+        let mut url = reqwest::Url::parse(server).context("--read-model is not a URL")?;
+        url.set_path(&name);
+        Ok(ReadModel {
+            rt,
+            server: server.to_owned(),
+            name,
+            url: url.to_string(),
+        })
+    }
+
+    /// Tasks the read model holds as complete (0 before the engines migrated it).
+    fn complete(&self) -> i64 {
+        self.rt
+            .block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&self.url).await?;
+                let (n,): (i64,) =
+                    sqlx::query_as("SELECT count(*) FROM tasker_tasks WHERE status = 'complete'")
+                        .fetch_one(&mut conn)
+                        .await?;
+                anyhow::Ok(n)
+            })
+            .unwrap_or(0)
+    }
+
+    /// (commits, rollbacks) of the database so far.
+    fn transactions(&self) -> anyhow::Result<(i64, i64)> {
+        self.rt.block_on(async {
+            let mut conn = sqlx::PgConnection::connect(&self.server).await?;
+            let row: (i64, i64) = sqlx::query_as(
+                "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = $1",
+            )
+            .bind(&self.name)
+            .fetch_one(&mut conn)
+            .await?;
+            anyhow::Ok(row)
+        })
+    }
+}
+
+impl Drop for ReadModel {
+    fn drop(&mut self) {
+        let _ = self.rt.block_on(async {
+            let mut conn = sqlx::PgConnection::connect(&self.server).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&mut conn)
+            .await?;
+            anyhow::Ok(())
+        });
+    }
 }
 
 struct Children(Vec<Child>);
@@ -63,16 +155,31 @@ fn owned(http: &reqwest::blocking::Client, api: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Runs `tasks` tasks of `template` on `engines` processes.
+/// What every run of a scale-out bench does.
+pub struct Workload<'a> {
+    pub template_yaml: &'a str,
+    pub template: &'a Template,
+    pub tasks: usize,
+    pub partitions: u32,
+    /// The PostgreSQL server for the engines' shared read model, if any.
+    pub read_model: Option<&'a str>,
+}
+
+/// Runs the workload on `engines` processes.
 pub fn run(
     base: &KafkaLogConfig,
-    template_yaml: &str,
-    template: &Template,
-    tasks: usize,
-    partitions: u32,
+    workload: &Workload<'_>,
     engines: usize,
     quiet: bool,
 ) -> anyhow::Result<Run> {
+    let &Workload {
+        template_yaml,
+        template,
+        tasks,
+        partitions,
+        read_model,
+    } = workload;
+    let read_model = read_model.map(ReadModel::create).transpose()?;
     let dir = tempfile::TempDir::new()?;
     let templates = dir.path().join("templates");
     std::fs::create_dir_all(&templates)?;
@@ -87,7 +194,12 @@ pub fn run(
     for i in 0..engines {
         let data = dir.path().join(format!("engine{i}"));
         std::fs::create_dir_all(&data)?;
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        match &read_model {
+            Some(db) => command.env("DATABASE_URL", &db.url),
+            None => command.env("TASKER_PROJECTOR__ENABLED", "false"),
+        };
+        let child = command
             .arg("--data-dir")
             .arg(&data)
             .arg("run")
@@ -98,7 +210,6 @@ pub fn run(
             .env("TASKER_LOG__TOPIC", &config.topic)
             .env("TASKER_LOG__PARTITIONS", partitions.to_string())
             .env("TASKER_KAFKA__GROUP_ID", &config.topic)
-            .env("TASKER_PROJECTOR__ENABLED", "false")
             .env("TASKER_API__BIND", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -224,11 +335,36 @@ pub fn run(
     for w in watchers {
         let _ = w.join();
     }
-    drop(children);
+    let projection = match &read_model {
+        Some(db) => {
+            while db.complete() < tasks as i64 {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the read model never held every task as complete"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let projected = started.elapsed().as_secs_f64();
+            // Stopped engines have flushed their statistics.
+            drop(children);
+            std::thread::sleep(Duration::from_secs(1));
+            let (commits, rollbacks) = db.transactions()?;
+            Some(Projection {
+                seconds: projected,
+                commits,
+                rollbacks,
+            })
+        }
+        None => {
+            drop(children);
+            None
+        }
+    };
     Ok(Run {
         engines,
         seconds,
         tasks_per_s: tasks as f64 / seconds,
+        projection,
     })
 }
 

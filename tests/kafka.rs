@@ -1,7 +1,8 @@
 //! The engine on a Kafka-protocol broker, as users run it: two `tasker run`
-//! processes share a topic's partitions through a consumer group, and when one is
-//! killed with SIGKILL the other takes its partitions and finishes its tasks; a
-//! broker that stops under load and comes back loses and duplicates nothing.
+//! processes share a topic's partitions through a consumer group and a PostgreSQL
+//! read model, and when one is killed with SIGKILL the other takes its partitions,
+//! finishes its tasks and projects them; a broker that stops under load and comes
+//! back loses and duplicates nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 mod support;
@@ -62,8 +63,10 @@ fn fold_all(log: &dyn Log) -> HashMap<String, TaskStatus> {
     statuses
 }
 
-async fn owned(api: &str) -> Vec<u64> {
-    match reqwest::get(format!("{api}/v1/digests")).await {
+/// The partitions an engine's API lists under `path` (`/v1/digests`: owned;
+/// `/v1/projector`: projected), sorted.
+async fn partitions(api: &str, path: &str) -> Vec<u64> {
+    let mut out: Vec<u64> = match reqwest::get(format!("{api}{path}")).await {
         Ok(r) => r
             .json::<Vec<Value>>()
             .await
@@ -72,6 +75,28 @@ async fn owned(api: &str) -> Vec<u64> {
             .filter_map(|d| d["partition"].as_u64())
             .collect(),
         Err(_) => Vec::new(),
+    };
+    out.sort_unstable();
+    out
+}
+
+async fn owned(api: &str) -> Vec<u64> {
+    partitions(api, "/v1/digests").await
+}
+
+/// Waits until the engine projects exactly the partitions it owns.
+async fn projects_what_it_owns(api: &str, want: usize) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (own, projected) = (owned(api).await, partitions(api, "/v1/projector").await);
+        if own.len() == want && own == projected {
+            return own;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{api} owns {own:?} but projects {projected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -83,17 +108,18 @@ fn two_engines_share_partitions_and_one_takes_over_after_kill_9() {
     std::fs::write(templates.join("work.yaml"), TEMPLATE).unwrap();
     let topic = format!("tasker-cluster-{}", uuid::Uuid::now_v7().simple());
     let brokers = brokers();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(support::Database::create());
     let env = [
         ("TASKER_LOG__BACKEND", "kafka"),
         ("TASKER_KAFKA_BROKERS", brokers.as_str()),
         ("TASKER_LOG__TOPIC", topic.as_str()),
         ("TASKER_LOG__PARTITIONS", "6"),
         ("TASKER_KAFKA__GROUP_ID", topic.as_str()),
-        ("TASKER_PROJECTOR__ENABLED", "false"),
+        ("DATABASE_URL", db.url.as_str()),
     ];
     let a = Server::start(&dir.path().join("a"), &templates, &env);
     let b = Server::start(&dir.path().join("b"), &templates, &env);
-    let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -107,6 +133,10 @@ fn two_engines_share_partitions_and_one_takes_over_after_kill_9() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // Each projects into the shared read model only the partitions it owns.
+        let pa = projects_what_it_owns(&a.api, owned(&a.api).await.len()).await;
+        let pb = projects_what_it_owns(&b.api, 6 - pa.len()).await;
+        assert!(pa.iter().all(|p| !pb.contains(p)), "{pa:?} {pb:?}");
     });
     let client = reqwest::blocking::Client::new();
     let mut ids = Vec::new();
@@ -128,13 +158,15 @@ fn two_engines_share_partitions_and_one_takes_over_after_kill_9() {
             break;
         }
     }
-    // A takes every partition and finishes all tasks, B's included.
+    // A takes every partition (and its projection) and finishes all tasks, B's
+    // included.
     rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(90);
         while owned(&a.api).await.len() < 6 {
             assert!(Instant::now() < deadline, "A never took B's partitions");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        projects_what_it_owns(&a.api, 6).await;
     });
     let log = KafkaLog::open(KafkaLogConfig::new(&brokers, &topic, 6)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -154,6 +186,31 @@ fn two_engines_share_partitions_and_one_takes_over_after_kill_9() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    // The read model, written by both engines, holds every task as complete.
+    rt.block_on(async {
+        use sqlx::Connection;
+        let uuids: Vec<uuid::Uuid> = ids.iter().map(|id| id.parse().unwrap()).collect();
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (complete,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM tasker_tasks WHERE task_id = ANY($1) AND status = 'complete'",
+            )
+            .bind(&uuids)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            if complete == uuids.len() as i64 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the read model has {complete} of {} tasks complete",
+                uuids.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
     a.stop();
 }
 

@@ -68,6 +68,7 @@ pub fn projector_progress(state: &AppState) -> Vec<ProjectorJson> {
     let now = Timestamp::now();
     state
         .projector
+        .list()
         .iter()
         .map(|(p, prog)| {
             let (lag_records, lag_seconds) = tasker_projections::projector::lag(prog, now);

@@ -139,7 +139,7 @@ async fn check_read_model(state: &AppState, checks: &mut Vec<Check>) {
 }
 
 fn check_projector(state: &AppState, checks: &mut Vec<Check>) {
-    if state.projector.is_empty() {
+    if state.projector.list().is_empty() {
         return;
     }
     let (max_records, max_age) = (

@@ -31,7 +31,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use tasker_engine::config::{Config, Resolved};
-use tasker_engine::record::{CorrelationId, PartitionId};
+use tasker_engine::record::CorrelationId;
 use tasker_engine::runtime::Engine;
 use tracing::Instrument;
 
@@ -68,8 +68,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     /// The read model, when `tasker run` projects.
     pub read_model: Option<tasker_projections::Store>,
-    /// The projector's progress per partition.
-    pub projector: Arc<[(PartitionId, Arc<tasker_projections::Progress>)]>,
+    /// The projector's progress, for the partitions this process projects.
+    pub projector: crate::project::Active,
     pub settings: Arc<Settings>,
     pub auth: Arc<auth::Auth>,
     pub status_cache: Arc<health::StatusCache>,
@@ -91,7 +91,7 @@ impl AppState {
     pub fn new(
         engine: Arc<Engine>,
         read_model: Option<tasker_projections::Store>,
-        projector: Vec<(PartitionId, Arc<tasker_projections::Progress>)>,
+        projector: crate::project::Active,
         config: &Config,
         resolved: &Resolved,
     ) -> anyhow::Result<AppState> {
@@ -103,7 +103,7 @@ impl AppState {
         Ok(AppState {
             engine,
             read_model,
-            projector: projector.into(),
+            projector,
             settings: Arc::new(Settings {
                 max_body_bytes: config.api.max_body_bytes,
                 max_projector_lag_records: config.health.max_projector_lag_records,

@@ -126,3 +126,62 @@ impl Drop for Server {
         }
     }
 }
+
+/// A database of its own on `DATABASE_URL`'s server, dropped with this value, for
+/// tests whose engines share a read model.
+pub struct Database {
+    pub url: String,
+    server: String,
+    name: String,
+}
+
+impl Database {
+    pub async fn create() -> Database {
+        use sqlx::Connection;
+        let server = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+            panic!(
+                "DATABASE_URL is not set. This test needs PostgreSQL: run scripts/test (it \
+                 provisions one), or export DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres"
+            )
+        });
+        let name = format!("tasker_e2e_{}", uuid::Uuid::now_v7().simple());
+        let mut conn = sqlx::PgConnection::connect(&server)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to DATABASE_URL ({server}): {e}"));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let mut url = reqwest::Url::parse(&server).expect("DATABASE_URL is a URL");
+        url.set_path(&name);
+        Database {
+            url: url.to_string(),
+            server,
+            name,
+        }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let (server, name) = (self.server.clone(), self.name.clone());
+        // A runtime of its own: the value may drop inside another one.
+        let _ = std::thread::spawn(move || {
+            use sqlx::Connection;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&server).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await?;
+                anyhow::Ok(())
+            })?;
+            anyhow::Ok(())
+        })
+        .join();
+    }
+}
