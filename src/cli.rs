@@ -351,9 +351,10 @@ pub struct BenchArgs {
     /// speed-up).
     #[arg(long, value_delimiter = ',')]
     pub engines: Vec<usize>,
-    /// With `--engines`: the engines project into a fresh database on this
-    /// PostgreSQL server (`postgres://...`), and each run also reports when the
-    /// read model held every task as complete.
+    /// With `--engines`: the engines project into this PostgreSQL database
+    /// (`postgres://...`), which the bench EMPTIES before each run (give it a
+    /// scratch database), and each run also reports when the read model held
+    /// every task as complete.
     #[arg(long, requires = "engines")]
     pub read_model: Option<String>,
 }

@@ -245,6 +245,9 @@ pub fn status(cli: &Cli, args: &StatusArgs) -> anyhow::Result<()> {
                     "read model partition {} at {}: {} records / {:.1} s behind, {} events, {} retries",
                     p.partition, p.position, p.lag_records, p.lag_seconds, p.events, p.retries
                 );
+                if let Some(e) = &p.error {
+                    println!("read model partition {} STOPPED: {e}", p.partition);
+                }
             }
         }
         return Ok(());

@@ -180,8 +180,9 @@ impl Supervisor {
             );
             let (s, prog) = (Arc::clone(&stop), Arc::clone(&progress));
             let task = tokio::spawn(async move {
-                if let Err(e) = run_partition(store, log, p, options, prog, s).await {
+                if let Err(e) = run_partition(store, log, p, options, Arc::clone(&prog), s).await {
                     tracing::error!(partition = %p, error = %e, "projector stopped");
+                    let _ = prog.failed.set(e.to_string());
                 }
             });
             self.running.insert(

@@ -1,8 +1,8 @@
 //! `tasker bench --engines N[,M...]` on Kafka: the same workload run by N `tasker
 //! run` processes sharing one topic through the consumer group, timed from the
 //! first command produced to the last `task.completed` read from the topic, and,
-//! with `--read-model`, to the read model (a fresh PostgreSQL database the engines
-//! share) holding every task as complete.
+//! with `--read-model`, to the read model the engines share (a scratch PostgreSQL
+//! database, emptied first) holding every task as complete.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use sqlx::Connection;
 use tasker_engine::codec;
 use tasker_engine::log::kafka::{KafkaLog, KafkaLogConfig};
 use tasker_engine::log::{Log, partition_for_task};
@@ -21,6 +20,7 @@ use tasker_engine::record::{
 };
 use tasker_engine::runtime::to_record;
 use tasker_engine::template::Template;
+use tasker_projections::Store;
 
 /// One run's result.
 #[derive(Debug, Clone, Copy)]
@@ -42,80 +42,63 @@ pub struct Projection {
     pub rollbacks: i64,
 }
 
-/// A database of the run's own on the `--read-model` server, dropped after it.
+/// The `--read-model` database, emptied for each run.
 struct ReadModel {
     rt: tokio::runtime::Runtime,
-    server: String,
-    name: String,
     url: String,
+    store: Store,
 }
 
 impl ReadModel {
-    fn create(server: &str) -> anyhow::Result<ReadModel> {
+    fn open(url: &str) -> anyhow::Result<ReadModel> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let name = format!("tasker_scaleout_{}", uuid::Uuid::now_v7().simple());
-        rt.block_on(async {
-            let mut conn = sqlx::PgConnection::connect(server).await?;
-            // The name is ours (a fixed prefix and a UUID), never input.
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .execute(&mut conn)
-                .await?;
-            anyhow::Ok(())
-        })
-        .with_context(|| format!("creating a database on --read-model {server}"))?;
-        let mut url = reqwest::Url::parse(server).context("--read-model is not a URL")?;
-        url.set_path(&name);
+        let store = rt
+            .block_on(async {
+                let store = Store::open(url).await?;
+                anyhow::ensure!(
+                    matches!(store, Store::Postgres(_)),
+                    "--read-model needs a postgres:// URL"
+                );
+                store.migrate().await?;
+                store.reset("read_model").await?;
+                anyhow::Ok(store)
+            })
+            .with_context(|| format!("preparing the read model at --read-model {url}"))?;
         Ok(ReadModel {
             rt,
-            server: server.to_owned(),
-            name,
-            url: url.to_string(),
+            url: url.to_owned(),
+            store,
         })
     }
 
-    /// Tasks the read model holds as complete (0 before the engines migrated it).
-    fn complete(&self) -> i64 {
-        self.rt
-            .block_on(async {
-                let mut conn = sqlx::PgConnection::connect(&self.url).await?;
-                let (n,): (i64,) =
-                    sqlx::query_as("SELECT count(*) FROM tasker_tasks WHERE status = 'complete'")
-                        .fetch_one(&mut conn)
-                        .await?;
-                anyhow::Ok(n)
-            })
-            .unwrap_or(0)
+    fn pool(&self) -> Option<&sqlx::PgPool> {
+        match &self.store {
+            Store::Postgres(pg) => Some(pg.pool()),
+            Store::Sqlite(_) => None,
+        }
+    }
+
+    /// Tasks the read model holds as complete.
+    fn complete(&self) -> anyhow::Result<i64> {
+        let pool = self.pool().context("not PostgreSQL")?;
+        Ok(self.rt.block_on(
+            sqlx::query_scalar("SELECT count(*) FROM tasker_tasks WHERE status = 'complete'")
+                .fetch_one(pool),
+        )?)
     }
 
     /// (commits, rollbacks) of the database so far.
     fn transactions(&self) -> anyhow::Result<(i64, i64)> {
-        self.rt.block_on(async {
-            let mut conn = sqlx::PgConnection::connect(&self.server).await?;
-            let row: (i64, i64) = sqlx::query_as(
-                "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = $1",
+        let pool = self.pool().context("not PostgreSQL")?;
+        Ok(self.rt.block_on(
+            sqlx::query_as(
+                "SELECT xact_commit, xact_rollback FROM pg_stat_database
+                 WHERE datname = current_database()",
             )
-            .bind(&self.name)
-            .fetch_one(&mut conn)
-            .await?;
-            anyhow::Ok(row)
-        })
-    }
-}
-
-impl Drop for ReadModel {
-    fn drop(&mut self) {
-        let _ = self.rt.block_on(async {
-            let mut conn = sqlx::PgConnection::connect(&self.server).await?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            )))
-            .execute(&mut conn)
-            .await?;
-            anyhow::Ok(())
-        });
+            .fetch_one(pool),
+        )?)
     }
 }
 
@@ -179,7 +162,11 @@ pub fn run(
         partitions,
         read_model,
     } = workload;
-    let read_model = read_model.map(ReadModel::create).transpose()?;
+    let read_model = read_model.map(ReadModel::open).transpose()?;
+    let before = match &read_model {
+        Some(db) => db.transactions()?,
+        None => (0, 0),
+    };
     let dir = tempfile::TempDir::new()?;
     let templates = dir.path().join("templates");
     std::fs::create_dir_all(&templates)?;
@@ -337,7 +324,7 @@ pub fn run(
     }
     let projection = match &read_model {
         Some(db) => {
-            while db.complete() < tasks as i64 {
+            while db.complete()? < tasks as i64 {
                 anyhow::ensure!(
                     Instant::now() < deadline,
                     "the read model never held every task as complete"
@@ -351,8 +338,8 @@ pub fn run(
             let (commits, rollbacks) = db.transactions()?;
             Some(Projection {
                 seconds: projected,
-                commits,
-                rollbacks,
+                commits: commits - before.0,
+                rollbacks: rollbacks - before.1,
             })
         }
         None => {

@@ -288,3 +288,80 @@ fn without_a_read_model_reads_come_from_memory_and_the_rest_is_503() {
     assert_eq!(ready.status, 200, "{}", ready.text);
     server.stop();
 }
+
+#[test]
+fn a_read_model_made_from_another_log_stops_its_projector_and_says_so() {
+    let env = Env::new("");
+    let rm = env.dir.path().join("shared-read-model.db");
+    let url = format!("sqlite://{}", rm.display());
+    let first = env.start(&[("DATABASE_URL", url.as_str())]);
+    let api = Api::new(&first.api);
+    for i in 0..5 {
+        let a = api.post(
+            "/v1/tasks",
+            &json!({"namespace": "shop", "name": "order", "context": {"order_id": i}}),
+        );
+        assert_eq!(a.status, 202, "{}", a.text);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !api
+        .get("/v1/projector")
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["position"].as_u64() > Some(0))
+    {
+        assert!(Instant::now() < deadline, "nothing projected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    first.stop();
+    // The same read model with a new, empty log (another data directory).
+    let other = tempfile::TempDir::new().unwrap();
+    let second = support::Server::start(
+        other.path(),
+        &env.templates,
+        &[("DATABASE_URL", url.as_str())],
+    );
+    let api = Api::new(&second.api);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stopped = loop {
+        let list = api.get("/v1/projector").json();
+        if let Some(p) = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["error"].is_string())
+        {
+            break p.clone();
+        }
+        assert!(Instant::now() < deadline, "no projector stopped: {list}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        stopped["error"]
+            .as_str()
+            .unwrap()
+            .contains("projected from another log"),
+        "{stopped}"
+    );
+    let ready = api.get("/health/ready");
+    assert_eq!(ready.status, 503, "{}", ready.text);
+    assert!(
+        ready.text.contains("the projector stopped"),
+        "{}",
+        ready.text
+    );
+    let series = format!(
+        "tasker_projector_stopped{{partition=\"{}\"}}",
+        stopped["partition"]
+    );
+    assert_eq!(metric(&api.get("/metrics").text, &series), Some(1.0));
+    // The engine itself runs on.
+    let a = api.post(
+        "/v1/tasks",
+        &json!({"namespace": "shop", "name": "order", "context": {"order_id": 99}}),
+    );
+    assert_eq!(a.status, 202, "{}", a.text);
+    second.stop();
+}

@@ -228,6 +228,11 @@ pub struct Batch {
     pub last_event_at: Option<Timestamp>,
     /// The highest ownership epoch after the batch.
     pub epoch: Epoch,
+    /// The position and BLAKE3 of the payload of the batch's last record (see
+    /// [`Checkpoint`]).
+    ///
+    /// [`Checkpoint`]: crate::store::Checkpoint
+    pub last_record: Option<(Position, [u8; 32])>,
     pub namespaces: BTreeMap<String, Timestamp>,
     /// `(namespace, name, version)` -> (template JSON, first seen).
     pub named_tasks: BTreeMap<(String, String, String), (String, Timestamp)>,

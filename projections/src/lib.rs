@@ -11,7 +11,7 @@ pub mod read_model;
 pub mod sqlite;
 pub mod store;
 
-pub use projector::{Progress, ProjectorOptions, run_partition};
+pub use projector::{Progress, ProjectorError, ProjectorOptions, run_partition};
 pub use read_model::{
     AnalyticsMetrics, DependencyLevel, ExecutionContext, HealthCounts, SlowStep, SlowTask,
     SlowestFilter, StepReadiness, StepRow, TaskRow,

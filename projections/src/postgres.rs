@@ -13,7 +13,7 @@ use sqlx::{Postgres, Row, Transaction};
 use tasker_engine::record::{Epoch, PartitionId, Position, TaskId};
 
 use crate::batch::{Batch, Duration};
-use crate::store::{Checkpoint, StoreError};
+use crate::store::{Checkpoint, StoreError, last_record};
 
 /// The read model in PostgreSQL.
 #[derive(Debug, Clone)]
@@ -60,7 +60,8 @@ impl PgStore {
         partition: PartitionId,
     ) -> Result<Checkpoint, StoreError> {
         let row = sqlx::query(
-            "SELECT position, epoch, events, (EXTRACT(EPOCH FROM last_event_at) * 1000)::BIGINT AS last_event_at
+            "SELECT position, epoch, events, (EXTRACT(EPOCH FROM last_event_at) * 1000)::BIGINT AS last_event_at,
+                    last_record, last_record_position
              FROM tasker_projection_checkpoints WHERE projector = $1 AND log_partition = $2",
         )
         .bind(projector)
@@ -76,6 +77,10 @@ impl PgStore {
                 last_event_at: r
                     .try_get::<Option<i64>, _>("last_event_at")?
                     .map(|m| tasker_engine::record::Timestamp::from_millis(m as u64)),
+                last_record: last_record(
+                    r.try_get("last_record")?,
+                    r.try_get("last_record_position")?,
+                ),
             },
         })
     }
@@ -129,13 +134,15 @@ impl PgStore {
         write_rows(&mut tx, batch).await?;
         sqlx::query(
             "INSERT INTO tasker_projection_checkpoints
-                 (projector, log_partition, position, epoch, events, last_event_at)
-             VALUES ($1, $2, $3, $4, $5, (TIMESTAMPTZ 'epoch' + ($6)::BIGINT * INTERVAL '1 millisecond'))
+                 (projector, log_partition, position, epoch, events, last_event_at, last_record, last_record_position)
+             VALUES ($1, $2, $3, $4, $5, (TIMESTAMPTZ 'epoch' + ($6)::BIGINT * INTERVAL '1 millisecond'), $7, $8)
              ON CONFLICT (projector, log_partition) DO UPDATE SET
                  position = EXCLUDED.position,
                  epoch = EXCLUDED.epoch,
                  events = tasker_projection_checkpoints.events + EXCLUDED.events,
-                 last_event_at = COALESCE(EXCLUDED.last_event_at, tasker_projection_checkpoints.last_event_at)",
+                 last_event_at = COALESCE(EXCLUDED.last_event_at, tasker_projection_checkpoints.last_event_at),
+                 last_record = EXCLUDED.last_record,
+                 last_record_position = EXCLUDED.last_record_position",
         )
         .bind(projector)
         .bind(partition)
@@ -143,6 +150,8 @@ impl PgStore {
         .bind(batch.epoch.0 as i64)
         .bind(batch.events as i64)
         .bind(batch.last_event_at.map(ms))
+        .bind(batch.last_record.map(|(_, h)| h.to_vec()))
+        .bind(batch.last_record.map(|(p, _)| p.0 as i64))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

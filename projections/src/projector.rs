@@ -43,6 +43,18 @@ pub enum ProjectorError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Log(#[from] LogError),
+    /// The read model was projected from another log (a recreated topic, a wiped
+    /// data directory): projecting this one from the checkpoint would skip its
+    /// first records. Rebuild the read model (`tasker project --rebuild`) or use
+    /// another database.
+    #[error(
+        "partition {partition}: the read model was projected from another log: {detail}; \
+         rebuild it (`tasker project --rebuild`) or point this log at another database"
+    )]
+    OtherLog {
+        partition: PartitionId,
+        detail: String,
+    },
 }
 
 /// Lag and progress of one partition's projector, readable from any thread.
@@ -57,6 +69,8 @@ pub struct Progress {
     pub events: AtomicU64,
     pub batches: AtomicU64,
     pub retries: AtomicU64,
+    /// Why the projector stopped, once it has stopped on an error.
+    pub failed: std::sync::OnceLock<String>,
 }
 
 /// Projects one partition until `stop` is set (or forever). If another projector
@@ -105,6 +119,14 @@ async fn project_from_checkpoint(
     progress
         .position
         .store(checkpoint.position.0, Ordering::Relaxed);
+    let (check_log, check_stop) = (Arc::clone(&log), Arc::clone(&stop));
+    let last_record = checkpoint.last_record;
+    let at = checkpoint.position;
+    tokio::task::spawn_blocking(move || {
+        same_log(check_log.as_ref(), partition, at, last_record, &check_stop)
+    })
+    .await
+    .map_err(|e| LogError::Config(format!("the log check stopped: {e}")))??;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<StoredRecord>, LogError>>(8);
     let reader_stop = Arc::clone(&stop_reader);
     let outer_stop = Arc::clone(&stop);
@@ -139,12 +161,14 @@ async fn project_from_checkpoint(
             break Ok(());
         }
         let mut batch = Batch::new(partition, checkpoint.position, checkpoint.epoch);
+        let mut last = None;
         let deadline = Instant::now() + options.max_delay;
         let mut records = 0usize;
         while records < options.max_records {
             if let Some(rec) = pending.pop_front() {
                 add(&mut batch, &rec);
                 records += 1;
+                last = Some((rec.position, rec.record.payload));
                 continue;
             }
             let wait = if records == 0 {
@@ -168,6 +192,9 @@ async fn project_from_checkpoint(
         if batch.end <= checkpoint.position {
             continue;
         }
+        batch.last_record = last
+            .take()
+            .map(|(at, payload)| (at, *blake3::hash(&payload).as_bytes()));
         let start = checkpoint.position;
         match with_retry(&progress, &stop, || {
             store.apply(&options.name, start, &batch)
@@ -197,6 +224,46 @@ async fn project_from_checkpoint(
     drop(rx);
     let _ = tokio::task::spawn_blocking(move || reader_thread.join()).await;
     result
+}
+
+/// Checks that the record before the checkpoint is the one the checkpoint
+/// follows, so a read model made from another log is not continued from this
+/// one's middle. A checkpoint without the record (the first batch, or moved by a
+/// projector that does not write it) is checked against the log's end only.
+fn same_log(
+    log: &dyn Log,
+    partition: PartitionId,
+    at: Position,
+    last_record: Option<(Position, [u8; 32])>,
+    stop: &AtomicBool,
+) -> Result<(), ProjectorError> {
+    if at.0 == 0 {
+        return Ok(());
+    }
+    let end = log.end(partition)?;
+    if end < at {
+        return Err(ProjectorError::OtherLog {
+            partition,
+            detail: format!("its checkpoint is at {at}, but this log ends at {end}"),
+        });
+    }
+    let before = Position(at.0 - 1);
+    let Some(expected) = last_record.filter(|(p, _)| *p == before).map(|(_, h)| h) else {
+        return Ok(());
+    };
+    let mut reader = log.reader(partition, before)?;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(rec) = reader.poll(1, Duration::from_millis(200))?.first() {
+            if rec.position == before && *blake3::hash(&rec.record.payload).as_bytes() == expected {
+                return Ok(());
+            }
+            return Err(ProjectorError::OtherLog {
+                partition,
+                detail: format!("the record at {before} is not the one its checkpoint follows"),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn add(batch: &mut Batch, rec: &StoredRecord) {

@@ -13,7 +13,7 @@ use tasker_engine::record::{Epoch, PartitionId, Position, Timestamp};
 
 use crate::batch::{Batch, Duration};
 use crate::postgres::last_per_entity;
-use crate::store::{Checkpoint, StoreError};
+use crate::store::{Checkpoint, StoreError, last_record};
 
 /// The read model in a SQLite file.
 #[derive(Debug, Clone)]
@@ -81,7 +81,7 @@ impl SqliteStore {
         partition: PartitionId,
     ) -> Result<Checkpoint, StoreError> {
         let row = sqlx::query(
-            "SELECT position, epoch, events, last_event_at FROM tasker_projection_checkpoints
+            "SELECT position, epoch, events, last_event_at, last_record, last_record_position FROM tasker_projection_checkpoints
              WHERE projector = ?1 AND log_partition = ?2",
         )
         .bind(projector)
@@ -97,6 +97,10 @@ impl SqliteStore {
                 last_event_at: r
                     .try_get::<Option<i64>, _>("last_event_at")?
                     .map(|m| Timestamp::from_millis(m as u64)),
+                last_record: last_record(
+                    r.try_get("last_record")?,
+                    r.try_get("last_record_position")?,
+                ),
             },
         })
     }
@@ -148,13 +152,15 @@ impl SqliteStore {
         write_rows(&mut tx, batch).await?;
         sqlx::query(
             "INSERT INTO tasker_projection_checkpoints
-                 (projector, log_partition, position, epoch, events, last_event_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 (projector, log_partition, position, epoch, events, last_event_at, last_record, last_record_position)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (projector, log_partition) DO UPDATE SET
                  position = excluded.position,
                  epoch = excluded.epoch,
                  events = tasker_projection_checkpoints.events + excluded.events,
-                 last_event_at = COALESCE(excluded.last_event_at, tasker_projection_checkpoints.last_event_at)",
+                 last_event_at = COALESCE(excluded.last_event_at, tasker_projection_checkpoints.last_event_at),
+                 last_record = excluded.last_record,
+                 last_record_position = excluded.last_record_position",
         )
         .bind(projector)
         .bind(partition)
@@ -162,6 +168,8 @@ impl SqliteStore {
         .bind(batch.epoch.0 as i64)
         .bind(batch.events as i64)
         .bind(batch.last_event_at.map(ms))
+        .bind(batch.last_record.map(|(_, h)| h.to_vec()))
+        .bind(batch.last_record.map(|(p, _)| p.0 as i64))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

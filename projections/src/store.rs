@@ -15,6 +15,19 @@ pub struct Checkpoint {
     pub epoch: Epoch,
     pub events: u64,
     pub last_event_at: Option<Timestamp>,
+    /// The position and BLAKE3 of the payload of the record at `position - 1`,
+    /// to tell this log from another; `None` before the first batch, or when the
+    /// checkpoint was last moved by a projector that does not record it.
+    pub last_record: Option<(Position, [u8; 32])>,
+}
+
+/// A checkpoint's `last_record` from its columns, if they are whole.
+pub(crate) fn last_record(
+    hash: Option<Vec<u8>>,
+    position: Option<i64>,
+) -> Option<(Position, [u8; 32])> {
+    let hash = <[u8; 32]>::try_from(hash?.as_slice()).ok()?;
+    Some((Position(u64::try_from(position?).ok()?), hash))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -433,3 +433,64 @@ async fn sqlite_and_postgres_hold_the_same_rows() {
     assert_eq!(lite_tt, pg_tt);
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_model_made_from_another_log_is_not_continued() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let logs = |name: &'static str, diamonds: usize| {
+        let p = dir.path().join(name);
+        tokio::task::spawn_blocking(move || make_log(&p, 1, diamonds))
+    };
+    let (a, shorter, longer) = (
+        logs("a", 20).await.unwrap(),
+        logs("b", 2).await.unwrap(),
+        logs("c", 40).await.unwrap(),
+    );
+    let partition = PartitionId(0);
+    let end = a.end(partition).unwrap();
+    assert!(shorter.end(partition).unwrap() < end && longer.end(partition).unwrap() > end);
+    let db = TestDb::new().await;
+    let sqlite = format!("sqlite://{}", dir.path().join("rm.db").display());
+    for url in [db.url.as_str(), sqlite.as_str()] {
+        let store = Store::open(url).await.unwrap();
+        store.migrate().await.unwrap();
+        project_all(&store, &a, "read_model", 7).await;
+        let cp = store.checkpoint("read_model", partition).await.unwrap();
+        assert_eq!(cp.position, end, "{url}");
+        assert_eq!(cp.last_record.map(|(p, _)| p.0), Some(end.0 - 1), "{url}");
+        for (other, why) in [(&shorter, "ends at"), (&longer, "is not the one")] {
+            let progress = Arc::new(Progress::default());
+            let run = run_partition(
+                store.clone(),
+                Arc::clone(other),
+                partition,
+                ProjectorOptions::default(),
+                Arc::clone(&progress),
+                Arc::new(AtomicBool::new(false)),
+            );
+            let err = tokio::time::timeout(Duration::from_secs(30), run)
+                .await
+                .expect("the projector went on with another log")
+                .unwrap_err();
+            assert!(
+                matches!(err, tasker_projections::ProjectorError::OtherLog { .. })
+                    && err.to_string().contains(why),
+                "{url}: {err}"
+            );
+            let after = store.checkpoint("read_model", partition).await.unwrap();
+            assert_eq!(after.position, end, "{url}: nothing projected");
+            assert_eq!(progress.events.load(Ordering::Relaxed), 0);
+        }
+    }
+    // The same log, grown, is continued by both (no false alarm).
+    drop(a);
+    let a = logs("a", 3).await.unwrap();
+    assert!(a.end(partition).unwrap() > end);
+    for url in [db.url.as_str(), sqlite.as_str()] {
+        let store = Store::open(url).await.unwrap();
+        project_all(&store, &a, "read_model", 7).await;
+        let cp = store.checkpoint("read_model", partition).await.unwrap();
+        assert_eq!(cp.position, a.end(partition).unwrap(), "{url}");
+    }
+    db.drop_db().await;
+}

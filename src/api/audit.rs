@@ -35,6 +35,9 @@ pub struct ProjectorJson {
     pub lag_seconds: f64,
     pub events: u64,
     pub retries: u64,
+    /// Why this partition's projector stopped, if it did.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
 }
 
 /// State digest and hash-chain head of every partition this engine owns.
@@ -79,6 +82,7 @@ pub fn projector_progress(state: &AppState) -> Vec<ProjectorJson> {
                 lag_seconds,
                 events: prog.events.load(Ordering::Relaxed),
                 retries: prog.retries.load(Ordering::Relaxed),
+                error: prog.failed.get().cloned(),
             }
         })
         .collect()

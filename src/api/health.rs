@@ -149,6 +149,13 @@ fn check_projector(state: &AppState, checks: &mut Vec<Check>) {
     let mut behind = Vec::new();
     let mut worst = (0u64, 0f64);
     for p in super::audit::projector_progress(state) {
+        if let Some(e) = &p.error {
+            behind.push(format!(
+                "partition {}: the projector stopped: {e}",
+                p.partition
+            ));
+            continue;
+        }
         let end = state
             .engine
             .log()

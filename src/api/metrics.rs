@@ -298,6 +298,18 @@ pub fn render(state: &AppState) -> String {
             );
         }
         o.family(
+            "tasker_projector_stopped",
+            "gauge",
+            "1 when the partition's projector stopped on an error (see /v1/projector).",
+        );
+        for p in &progress {
+            o.sample(
+                "tasker_projector_stopped",
+                &format!("partition=\"{}\"", p.partition),
+                i64::from(p.error.is_some()),
+            );
+        }
+        o.family(
             "tasker_projector_retries_total",
             "counter",
             "Read-model writes retried after transient errors.",
