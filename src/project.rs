@@ -240,23 +240,29 @@ pub fn project(cli: &Cli, args: &ProjectArgs) -> anyhow::Result<()> {
         bar.set_position(start);
         let started = Instant::now();
         let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
-        loop {
-            let done: u64 = projectors
-                .progress
-                .list()
+        let failed = loop {
+            let list = projectors.progress.list();
+            if let Some(e) = list.iter().find_map(|(_, prog)| prog.failed.get()) {
+                break Some(e.clone());
+            }
+            let done: u64 = list
                 .iter()
                 .map(|(_, p)| p.position.load(Ordering::Relaxed))
                 .sum();
             bar.set_position(done.min(total));
             if args.once && done >= total {
-                break;
+                break None;
             }
             tokio::select! {
-                _ = &mut ctrl_c => break,
+                _ = &mut ctrl_c => break None,
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
-        }
+        };
         bar.finish_and_clear();
+        if let Some(e) = failed {
+            projectors.stop().await;
+            return Err(anyhow::anyhow!("the projector stopped: {e}")).hint("see the error above");
+        }
         let events: u64 = projectors
             .progress
             .list()

@@ -418,3 +418,33 @@ fn query_answers_from_the_read_model() {
     assert!(!o.status.success());
     assert!(text(&o).contains("RFC 3339"), "{}", text(&o));
 }
+
+#[test]
+fn tasker_project_refuses_a_read_model_made_from_another_log() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("rm.db").display());
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let run = |data: &std::path::Path, args: &[&str]| {
+        tasker(data)
+            .env("DATABASE_URL", &url)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for _ in 0..8 {
+        assert!(run(&a, &["submit", "examples/hello"]).status.success());
+    }
+    let o = run(&a, &["project", "--once"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(run(&b, &["submit", "examples/hello"]).status.success());
+    let o = run(&b, &["project", "--once"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("error: the projector stopped: partition")
+            && text(&o).contains("projected from another log"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&b, &["project", "--once", "--rebuild"]);
+    assert!(o.status.success(), "{}", text(&o));
+}
