@@ -260,66 +260,45 @@ pub fn render(state: &AppState) -> String {
         );
     }
     let progress = super::audit::projector_progress(state);
-    if !progress.is_empty() {
-        o.family(
+    type Value = fn(&super::audit::ProjectorJson) -> f64;
+    let families: [(&str, &str, &str, Value); 5] = [
+        (
             "tasker_projector_lag_records",
             "gauge",
             "Log records not yet in the read model.",
-        );
-        for p in &progress {
-            o.sample(
-                "tasker_projector_lag_records",
-                &format!("partition=\"{}\"", p.partition),
-                p.lag_records,
-            );
-        }
-        o.family(
+            |p| p.lag_records as f64,
+        ),
+        (
             "tasker_projector_lag_seconds",
             "gauge",
             "Log time between the newest record and the newest projected event.",
-        );
-        for p in &progress {
-            o.sample(
-                "tasker_projector_lag_seconds",
-                &format!("partition=\"{}\"", p.partition),
-                p.lag_seconds,
-            );
-        }
-        o.family(
+            |p| p.lag_seconds,
+        ),
+        (
             "tasker_projector_events_total",
             "counter",
             "Events written to the read model.",
-        );
-        for p in &progress {
-            o.sample(
-                "tasker_projector_events_total",
-                &format!("partition=\"{}\"", p.partition),
-                p.events,
-            );
-        }
-        o.family(
+            |p| p.events as f64,
+        ),
+        (
             "tasker_projector_stopped",
             "gauge",
             "1 when the partition's projector stopped on an error (see /v1/projector).",
-        );
-        for p in &progress {
-            o.sample(
-                "tasker_projector_stopped",
-                &format!("partition=\"{}\"", p.partition),
-                i64::from(p.error.is_some()),
-            );
-        }
-        o.family(
+            |p| f64::from(u8::from(p.error.is_some())),
+        ),
+        (
             "tasker_projector_retries_total",
             "counter",
             "Read-model writes retried after transient errors.",
-        );
-        for p in &progress {
-            o.sample(
-                "tasker_projector_retries_total",
-                &format!("partition=\"{}\"", p.partition),
-                p.retries,
-            );
+            |p| p.retries as f64,
+        ),
+    ];
+    if !progress.is_empty() {
+        for (name, kind, help, value) in families {
+            o.family(name, kind, help);
+            for p in &progress {
+                o.sample(name, &format!("partition=\"{}\"", p.partition), value(p));
+            }
         }
     }
     o.0
