@@ -112,21 +112,32 @@ async fn project_from_checkpoint(
     stop: Arc<AtomicBool>,
 ) -> Result<(), ProjectorError> {
     let stop_reader = Arc::new(AtomicBool::new(false));
-    let mut checkpoint = with_retry(&progress, &stop, || {
+    let mut checkpoint = with_retry(&progress, &stop, StoreError::is_transient, || {
         store.checkpoint(&options.name, partition)
     })
     .await?;
     progress
         .position
         .store(checkpoint.position.0, Ordering::Relaxed);
-    let (check_log, check_stop) = (Arc::clone(&log), Arc::clone(&stop));
-    let last_record = checkpoint.last_record;
-    let at = checkpoint.position;
-    tokio::task::spawn_blocking(move || {
-        same_log(check_log.as_ref(), partition, at, last_record, &check_stop)
-    })
-    .await
-    .map_err(|e| LogError::Config(format!("the log check stopped: {e}")))??;
+    // The log may be unreachable for a while (a broker restarting): retried like
+    // the store; only another log stops the projector.
+    let check = || {
+        let (log, stop) = (Arc::clone(&log), Arc::clone(&stop));
+        let (at, last_record) = (checkpoint.position, checkpoint.last_record);
+        async move {
+            tokio::task::spawn_blocking(move || {
+                same_log(log.as_ref(), partition, at, last_record, &stop)
+            })
+            .await
+            .unwrap_or_else(|e| Err(LogError::Config(format!("the log check stopped: {e}")).into()))
+        }
+    };
+    let is_log = |e: &ProjectorError| matches!(e, ProjectorError::Log(_));
+    match with_retry(&progress, &stop, is_log, check).await {
+        Ok(()) => {}
+        Err(_) if stop.load(Ordering::Relaxed) => return Ok(()),
+        Err(e) => return Err(e),
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<StoredRecord>, LogError>>(8);
     let reader_stop = Arc::clone(&stop_reader);
     let outer_stop = Arc::clone(&stop);
@@ -196,7 +207,7 @@ async fn project_from_checkpoint(
             .take()
             .map(|(at, payload)| (at, *blake3::hash(&payload).as_bytes()));
         let start = checkpoint.position;
-        match with_retry(&progress, &stop, || {
+        match with_retry(&progress, &stop, StoreError::is_transient, || {
             store.apply(&options.name, start, &batch)
         })
         .await
@@ -252,7 +263,15 @@ fn same_log(
         return Ok(());
     };
     let mut reader = log.reader(partition, before)?;
+    let give_up = Instant::now() + Duration::from_secs(10);
     while !stop.load(Ordering::Relaxed) {
+        if Instant::now() > give_up {
+            // Retried by the caller, as any log failure.
+            return Err(LogError::Config(format!(
+                "cannot read position {before} to check the checkpoint"
+            ))
+            .into());
+        }
         if let Some(rec) = reader.poll(1, Duration::from_millis(200))?.first() {
             if rec.position == before && *blake3::hash(&rec.record.payload).as_bytes() == expected {
                 return Ok(());
@@ -280,24 +299,27 @@ fn add(batch: &mut Batch, rec: &StoredRecord) {
     batch.add(rec.position, env.as_ref());
 }
 
-/// Retries transient database failures with backoff (100 ms doubling to 5 s) until
-/// they succeed or the projector is stopped.
-async fn with_retry<T, F, Fut>(
+/// Retries transient failures (of the database, or of the log while the
+/// checkpoint is checked) with backoff (100 ms doubling to 5 s) until they
+/// succeed or the projector is stopped.
+async fn with_retry<T, E, F, Fut>(
     progress: &Progress,
     stop: &AtomicBool,
+    transient: fn(&E) -> bool,
     mut f: F,
-) -> Result<T, StoreError>
+) -> Result<T, E>
 where
+    E: std::fmt::Display,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut delay = Duration::from_millis(100);
     loop {
         match f().await {
             Ok(v) => return Ok(v),
-            Err(e) if e.is_transient() && !stop.load(Ordering::Relaxed) => {
+            Err(e) if transient(&e) && !stop.load(Ordering::Relaxed) => {
                 progress.retries.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, retry_in = ?delay, "read-model write failed; retrying");
+                tracing::warn!(error = %e, retry_in = ?delay, "projector: retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }

@@ -482,15 +482,95 @@ async fn a_read_model_made_from_another_log_is_not_continued() {
             assert_eq!(progress.events.load(Ordering::Relaxed), 0);
         }
     }
-    // The same log, grown, is continued by both (no false alarm).
+    // The same log, grown, is continued by both (no false alarm), even while it
+    // cannot be reached at first (the check is retried, not fatal).
     drop(a);
     let a = logs("a", 3).await.unwrap();
     assert!(a.end(partition).unwrap() > end);
     for url in [db.url.as_str(), sqlite.as_str()] {
         let store = Store::open(url).await.unwrap();
-        project_all(&store, &a, "read_model", 7).await;
+        let unreachable: Arc<dyn Log> = Arc::new(Unreachable {
+            inner: Arc::clone(&a),
+            failures: std::sync::atomic::AtomicU32::new(3),
+        });
+        let (progress, stop) = (
+            Arc::new(Progress::default()),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let run = tokio::spawn(run_partition(
+            store.clone(),
+            unreachable,
+            partition,
+            ProjectorOptions {
+                name: "read_model".into(),
+                max_records: 7,
+                max_delay: Duration::from_millis(5),
+            },
+            Arc::clone(&progress),
+            Arc::clone(&stop),
+        ));
+        let grown = a.end(partition).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while progress.position.load(Ordering::Relaxed) < grown.0 {
+            assert!(!run.is_finished(), "{url}: {:?}", run.await);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{url}: projector stalled at {} of {grown} after {} retries",
+                progress.position.load(Ordering::Relaxed),
+                progress.retries.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        run.await.unwrap().unwrap();
+        assert!(progress.retries.load(Ordering::Relaxed) >= 3, "{url}");
         let cp = store.checkpoint("read_model", partition).await.unwrap();
-        assert_eq!(cp.position, a.end(partition).unwrap(), "{url}");
+        assert_eq!(cp.position, grown, "{url}");
     }
     db.drop_db().await;
+}
+
+/// A log whose `end` fails a few times first, as a broker that is restarting.
+struct Unreachable {
+    inner: Arc<dyn Log>,
+    failures: std::sync::atomic::AtomicU32,
+}
+
+impl Log for Unreachable {
+    fn partitions(&self) -> u32 {
+        self.inner.partitions()
+    }
+    fn writer(
+        &self,
+        p: PartitionId,
+    ) -> Result<Box<dyn tasker_engine::log::LogWriter>, tasker_engine::log::LogError> {
+        self.inner.writer(p)
+    }
+    fn reader(
+        &self,
+        p: PartitionId,
+        from: tasker_engine::record::Position,
+    ) -> Result<Box<dyn tasker_engine::log::LogReader>, tasker_engine::log::LogError> {
+        self.inner.reader(p, from)
+    }
+    fn end(
+        &self,
+        p: PartitionId,
+    ) -> Result<tasker_engine::record::Position, tasker_engine::log::LogError> {
+        let left = self.failures.load(Ordering::Relaxed);
+        if left > 0 {
+            self.failures.store(left - 1, Ordering::Relaxed);
+            return Err(tasker_engine::log::LogError::Kafka("broker down".into()));
+        }
+        self.inner.end(p)
+    }
+    fn start(
+        &self,
+        p: PartitionId,
+    ) -> Result<tasker_engine::record::Position, tasker_engine::log::LogError> {
+        self.inner.start(p)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
 }
