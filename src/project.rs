@@ -219,12 +219,13 @@ pub fn project(cli: &Cli, args: &ProjectArgs) -> anyhow::Result<()> {
         if args.rebuild {
             store.reset("read_model").await?;
         }
-        let mut total = 0u64;
+        let mut ends = BTreeMap::new();
         let mut start = 0u64;
         for p in (0..log.partitions()).map(PartitionId) {
-            total += log.end(p)?.0;
+            ends.insert(p, log.end(p)?.0);
             start += store.checkpoint("read_model", p).await?.position.0;
         }
+        let total: u64 = ends.values().sum();
         let scope = all_partitions(log.as_ref());
         let projectors = Projectors::start(store.clone(), Arc::clone(&log), scope, &options(&setup));
         let bar = if cli.json {
@@ -250,7 +251,14 @@ pub fn project(cli: &Cli, args: &ProjectArgs) -> anyhow::Result<()> {
                 .map(|(_, p)| p.position.load(Ordering::Relaxed))
                 .sum();
             bar.set_position(done.min(total));
-            if args.once && done >= total {
+            // Done when every partition's projector has checked its checkpoint
+            // against this log and reached the end the log had at the start.
+            let caught_up = list.len() == ends.len()
+                && list.iter().all(|(p, prog)| {
+                    prog.checked.load(Ordering::Relaxed)
+                        && prog.position.load(Ordering::Relaxed) >= ends.get(p).copied().unwrap_or(0)
+                });
+            if args.once && caught_up {
                 break None;
             }
             tokio::select! {

@@ -71,6 +71,9 @@ pub struct Progress {
     pub retries: AtomicU64,
     /// Why the projector stopped, once it has stopped on an error.
     pub failed: std::sync::OnceLock<String>,
+    /// The checkpoint was found to follow this log: from here on `position` is
+    /// this log's.
+    pub checked: AtomicBool,
 }
 
 /// Projects one partition until `stop` is set (or forever). If another projector
@@ -134,7 +137,7 @@ async fn project_from_checkpoint(
     };
     let is_log = |e: &ProjectorError| matches!(e, ProjectorError::Log(_));
     match with_retry(&progress, &stop, is_log, check).await {
-        Ok(()) => {}
+        Ok(()) => progress.checked.store(true, Ordering::Relaxed),
         Err(_) if stop.load(Ordering::Relaxed) => return Ok(()),
         Err(e) => return Err(e),
     }
