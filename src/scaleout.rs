@@ -46,7 +46,7 @@ pub struct Projection {
 struct ReadModel {
     rt: tokio::runtime::Runtime,
     url: String,
-    store: Store,
+    pool: sqlx::PgPool,
 }
 
 impl ReadModel {
@@ -54,50 +54,40 @@ impl ReadModel {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let store = rt
+        let pool = rt
             .block_on(async {
                 let store = Store::open(url).await?;
-                anyhow::ensure!(
-                    matches!(store, Store::Postgres(_)),
-                    "--read-model needs a postgres:// URL"
-                );
                 store.migrate().await?;
                 store.reset("read_model").await?;
-                anyhow::Ok(store)
+                match store {
+                    Store::Postgres(pg) => anyhow::Ok(pg.pool().clone()),
+                    Store::Sqlite(_) => anyhow::bail!("--read-model needs a postgres:// URL"),
+                }
             })
             .with_context(|| format!("preparing the read model at --read-model {url}"))?;
         Ok(ReadModel {
             rt,
             url: url.to_owned(),
-            store,
+            pool,
         })
-    }
-
-    fn pool(&self) -> Option<&sqlx::PgPool> {
-        match &self.store {
-            Store::Postgres(pg) => Some(pg.pool()),
-            Store::Sqlite(_) => None,
-        }
     }
 
     /// Tasks the read model holds as complete.
     fn complete(&self) -> anyhow::Result<i64> {
-        let pool = self.pool().context("not PostgreSQL")?;
         Ok(self.rt.block_on(
             sqlx::query_scalar("SELECT count(*) FROM tasker_tasks WHERE status = 'complete'")
-                .fetch_one(pool),
+                .fetch_one(&self.pool),
         )?)
     }
 
     /// (commits, rollbacks) of the database so far.
     fn transactions(&self) -> anyhow::Result<(i64, i64)> {
-        let pool = self.pool().context("not PostgreSQL")?;
         Ok(self.rt.block_on(
             sqlx::query_as(
                 "SELECT xact_commit, xact_rollback FROM pg_stat_database
                  WHERE datname = current_database()",
             )
-            .fetch_one(pool),
+            .fetch_one(&self.pool),
         )?)
     }
 }

@@ -146,11 +146,11 @@ fn check_projector(state: &AppState, checks: &mut Vec<Check>) {
         state.settings.max_projector_lag_records,
         state.settings.max_projector_lag,
     );
-    let mut behind = Vec::new();
+    let mut problems = Vec::new();
     let mut worst = (0u64, 0f64);
     for p in super::audit::projector_progress(state) {
         if let Some(e) = &p.error {
-            behind.push(format!(
+            problems.push(format!(
                 "partition {}: the projector stopped: {e}",
                 p.partition
             ));
@@ -165,7 +165,7 @@ fn check_projector(state: &AppState, checks: &mut Vec<Check>) {
             .unwrap_or(p.lag_records);
         worst = (worst.0.max(records), worst.1.max(p.lag_seconds));
         if records > max_records || p.lag_seconds > max_age.as_secs_f64() {
-            behind.push(format!(
+            problems.push(format!(
                 "partition {} is {records} records / {:.1}s behind",
                 p.partition, p.lag_seconds
             ));
@@ -173,14 +173,14 @@ fn check_projector(state: &AppState, checks: &mut Vec<Check>) {
     }
     checks.push(Check {
         name: "projector".into(),
-        ok: behind.is_empty(),
-        detail: if behind.is_empty() {
+        ok: problems.is_empty(),
+        detail: if problems.is_empty() {
             format!(
                 "at most {} records / {:.1}s behind (limits {max_records} / {max_age:?})",
                 worst.0, worst.1
             )
         } else {
-            behind.join("; ")
+            problems.join("; ")
         },
     });
 }
