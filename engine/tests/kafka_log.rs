@@ -99,3 +99,39 @@ fn two_writers_on_one_partition_interleave_without_loss() {
     }
     assert_eq!(got.len(), 40);
 }
+
+#[test]
+fn readers_share_consumer_clients_one_partition_each() {
+    // A processor and a projector per partition: two clients, not one per reader.
+    let log = KafkaLog::open(KafkaLogConfig::new(&brokers(), &topic(), 3)).unwrap();
+    let mut w = log.writer(PartitionId(1)).unwrap();
+    w.append(&[sample(7)]).unwrap();
+    let open = |p| log.reader(PartitionId(p), Position(0)).unwrap();
+    let first: Vec<_> = (0..3).map(open).collect();
+    assert_eq!(log.reader_clients(), 1);
+    let mut second: Vec<_> = (0..3).map(open).collect();
+    assert_eq!(log.reader_clients(), 2);
+    // Each reads its own partition from its own client.
+    let got = second[1].poll(10, Duration::from_secs(10)).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].record.payload, sample(7).payload);
+    assert!(
+        second[0]
+            .poll(10, Duration::from_millis(50))
+            .unwrap()
+            .is_empty()
+    );
+    // A client closes with its last reader; a partition's slot is reused.
+    drop(second);
+    assert_eq!(log.reader_clients(), 1);
+    drop(first);
+    assert_eq!(log.reader_clients(), 0);
+    let mut again = open(1);
+    assert_eq!(log.reader_clients(), 1);
+    let got = again.poll(10, Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        got.len(),
+        1,
+        "a reader on a fresh client reads from its start"
+    );
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{Headers, Log, LogError, Record, StoredRecord};
+use super::{Headers, Log, LogError, LogReader, Record, StoredRecord};
 use crate::record::{ContentType, Kind, PartitionId, Position, RecordType, TaskId, Timestamp};
 
 /// A log under test that can be closed and opened again (as a new process would).
@@ -245,6 +245,86 @@ pub fn large_batches_stay_ordered(h: &dyn Harness) {
     }
 }
 
+/// Readers are independent: several at once on one partition (and on others)
+/// each read from their own position, seek on their own, and a reader opened
+/// after another on the same partition closed starts where it is told.
+pub fn readers_are_independent(h: &dyn Harness) {
+    let t = h.fresh(2).expect("fresh log");
+    let log = t.log();
+    let (p0, p1) = (PartitionId(0), PartitionId(1));
+    let (s0, s1) = (log.end(p0).expect("end"), log.end(p1).expect("end"));
+    let zero: Vec<Record> = (0..30).map(sample).collect();
+    let one: Vec<Record> = (100..110).map(sample).collect();
+    log.writer(p0)
+        .expect("writer")
+        .append(&zero)
+        .expect("append");
+    log.writer(p1)
+        .expect("writer")
+        .append(&one)
+        .expect("append");
+    let at = |s: Position, i: u64| Position(s.0 + i);
+    let mut a = log.reader(p0, s0).expect("reader");
+    let mut b = log.reader(p0, at(s0, 20)).expect("reader");
+    let mut c = log.reader(p1, s1).expect("reader");
+    // Polled in turns, a few records at a time.
+    let (mut got_a, mut got_b, mut got_c) = (Vec::new(), Vec::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (got_a.len() < 30 || got_b.len() < 10 || got_c.len() < 10) && Instant::now() < deadline {
+        for (r, got, want) in [
+            (&mut a, &mut got_a, 30),
+            (&mut b, &mut got_b, 10),
+            (&mut c, &mut got_c, 10),
+        ] {
+            if got.len() < want {
+                got.extend(r.poll(4, Duration::from_millis(50)).expect("poll"));
+            }
+        }
+    }
+    assert_eq!((got_a.len(), got_b.len(), got_c.len()), (30, 10, 10));
+    for (i, g) in got_a.iter().enumerate() {
+        assert_same(g, &zero[i], at(s0, i as u64));
+    }
+    for (i, g) in got_b.iter().enumerate() {
+        assert_same(g, &zero[20 + i], at(s0, 20 + i as u64));
+    }
+    for (i, g) in got_c.iter().enumerate() {
+        assert_same(g, &one[i], at(s1, i as u64));
+    }
+    // A seek moves one reader only.
+    a.seek(at(s0, 5)).expect("seek");
+    let back = read_some(&mut *a, 1);
+    assert_same(&back[0], &zero[5], at(s0, 5));
+    assert!(
+        b.poll(10, Duration::from_millis(50))
+            .expect("poll")
+            .is_empty()
+    );
+    // The partition's first reader closes; the next starts where it is told.
+    drop(a);
+    let mut d = log.reader(p0, at(s0, 12)).expect("reader");
+    let again = read_some(&mut *d, 3);
+    for (i, g) in again.iter().take(3).enumerate() {
+        assert_same(g, &zero[12 + i], at(s0, 12 + i as u64));
+    }
+    b.seek(at(s0, 29)).expect("seek");
+    assert_same(&read_some(&mut *b, 1)[0], &zero[29], at(s0, 29));
+}
+
+/// At least `n` records from `r`, within 30 s.
+fn read_some(r: &mut dyn LogReader, n: usize) -> Vec<StoredRecord> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.len() < n && Instant::now() < deadline {
+        out.extend(
+            r.poll(n - out.len(), Duration::from_millis(100))
+                .expect("poll"),
+        );
+    }
+    assert!(out.len() >= n, "{} of {n} records", out.len());
+    out
+}
+
 /// Expands the suite into `#[test]` functions for one backend's harness.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -268,6 +348,10 @@ macro_rules! conformance_tests {
         #[test]
         fn conformance_survives_reopen() {
             $crate::log::conformance::survives_reopen(&$harness);
+        }
+        #[test]
+        fn conformance_readers_are_independent() {
+            $crate::log::conformance::readers_are_independent(&$harness);
         }
         #[test]
         fn conformance_large_batches_stay_ordered() {
