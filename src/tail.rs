@@ -47,7 +47,7 @@ pub fn tail(cli: &Cli, args: &TailArgs) -> anyhow::Result<()> {
     loop {
         let batch = sub.poll(1_000, Duration::from_millis(250))?;
         let mut out = stdout.lock();
-        for d in &batch {
+        for (i, d) in batch.iter().enumerate() {
             if cli.json {
                 writeln!(out, "{}", d.cloud_event(&topic).to_json_line())?;
             } else {
@@ -70,7 +70,9 @@ pub fn tail(cli: &Cli, args: &TailArgs) -> anyhow::Result<()> {
             if args.limit.is_some_and(|l| shown >= l) {
                 out.flush()?;
                 if durable {
-                    sub.commit_delivery(d)?;
+                    // What this batch printed, in every partition: a batch
+                    // spans partitions, and the limit may stop it in any.
+                    sub.commit_deliveries(&batch[..=i])?;
                 }
                 return Ok(());
             }

@@ -275,3 +275,50 @@ fn filtered_subscribers_get_exactly_their_events_and_resume_from_their_cursor() 
     );
     engine.shutdown();
 }
+
+#[test]
+fn a_subscriber_stopping_inside_a_batch_commits_what_it_took_in_every_partition() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = start(dir.path());
+    let ids = submit(&engine, "shop", 30);
+    wait_terminal(&engine, &ids);
+    let filter = Filter::parse(&["task.completed".into()], &[]).unwrap();
+    let open = || {
+        Subscriber::embedded(
+            "limited",
+            Arc::clone(engine.log()),
+            dir.path(),
+            filter.clone(),
+            StartAt::Earliest,
+        )
+        .unwrap()
+    };
+    let mut sub = open();
+    let mut got = Vec::new();
+    drain(&mut sub, ids.len(), &mut got);
+    // A prefix that reaches into a second partition: what a `tail --limit` took.
+    let second = got
+        .iter()
+        .position(|d| d.partition != got[0].partition)
+        .expect("deliveries from more than one partition");
+    let taken = &got[..=second + 1];
+    sub.commit_deliveries(taken).unwrap();
+    drop(sub);
+    let mut want = BTreeMap::new();
+    for d in taken {
+        want.insert(d.partition, d.position.next());
+    }
+    assert!(want.len() >= 2);
+    let mut sub = open();
+    assert_eq!(sub.committed(), &want);
+    // The next run gets exactly the rest: nothing twice, nothing lost.
+    let mut rest = Vec::new();
+    drain(&mut sub, ids.len() - taken.len(), &mut rest);
+    assert!(sub.poll(10, Duration::from_millis(100)).unwrap().is_empty());
+    let mut all = positions(taken);
+    all.extend(positions(&rest));
+    all.sort_unstable();
+    let mut expected = positions(&got);
+    expected.sort_unstable();
+    assert_eq!(all, expected);
+}

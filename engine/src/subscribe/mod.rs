@@ -309,6 +309,20 @@ impl Subscriber {
         self.commit(delivery.partition, delivery.position.next())
     }
 
+    /// Persists that every one of `delivered` (a prefix of what `poll` gave)
+    /// and everything before it in its partition is processed: per partition,
+    /// the position after its last delivery there. For a consumer that stops
+    /// partway through a batch spanning partitions.
+    pub fn commit_deliveries(&mut self, delivered: &[Delivery]) -> Result<(), SubscribeError> {
+        if delivered.is_empty() {
+            return Ok(());
+        }
+        for d in delivered {
+            self.committed.insert(d.partition, d.position.next());
+        }
+        self.cursors.save(&self.committed)
+    }
+
     /// Persists everything polled so far (including records the filter skipped).
     pub fn commit_polled(&mut self) -> Result<(), SubscribeError> {
         if self.polled == self.committed {
