@@ -24,6 +24,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use self::reader::Clients;
 pub use self::reader::KafkaReader;
 pub use self::writer::KafkaWriter;
+use self::writer::Producers;
 use super::{Log, LogError, LogReader, LogWriter};
 use crate::record::{PartitionId, Position};
 
@@ -124,6 +125,7 @@ pub struct KafkaLog {
     /// For watermarks and metadata.
     meta: BaseConsumer,
     readers: Arc<Clients>,
+    writers: Producers,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -140,10 +142,12 @@ impl KafkaLog {
     pub fn open(config: KafkaLogConfig) -> Result<KafkaLog, LogError> {
         let meta: BaseConsumer = config.reader_config().create().map_err(kafka_err)?;
         let readers = Arc::new(Clients::new(config.clone()));
+        let writers = Producers::new(config.clone());
         let log = KafkaLog {
             config,
             meta,
             readers,
+            writers,
         };
         log.ensure_topic()?;
         Ok(log)
@@ -263,7 +267,7 @@ impl Log for KafkaLog {
 
     fn writer(&self, partition: PartitionId) -> Result<Box<dyn LogWriter>, LogError> {
         self.check_partition(partition)?;
-        Ok(Box::new(KafkaWriter::new(&self.config, partition)?))
+        Ok(Box::new(self.writers.writer(partition)?))
     }
 
     fn reader(

@@ -1,8 +1,12 @@
-//! Writers: one idempotent, `acks=all` producer per partition writer, whose
-//! delivery reports a poll thread hands back to the waiting append.
+//! Writers: the writers of one log share an idempotent, `acks=all` producer
+//! (one client batching every partition's records into one request per
+//! broker), whose delivery reports a poll thread hands back to the append
+//! waiting for them. A producer that fails fatally (idempotence lost) is
+//! replaced for the writers made after, which the engine makes when it
+//! restarts a partition.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -39,14 +43,85 @@ impl ProducerContext for DeliveryContext {
     }
 }
 
-/// An idempotent producer for one partition.
-pub struct KafkaWriter {
+/// The producer of a log's writers, made when the first writer is.
+#[derive(Debug)]
+pub(super) struct Producers {
+    config: KafkaLogConfig,
+    current: Mutex<Option<Arc<Shared>>>,
+}
+
+impl Producers {
+    pub(super) fn new(config: KafkaLogConfig) -> Producers {
+        Producers {
+            config,
+            current: Mutex::new(None),
+        }
+    }
+
+    /// The shared producer, or a new one if there is none yet or it failed
+    /// fatally.
+    fn get(&self) -> Result<Arc<Shared>, LogError> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(shared) = current.as_ref()
+            && shared.producer.client().fatal_error().is_none()
+        {
+            return Ok(Arc::clone(shared));
+        }
+        let producer: Arc<BaseProducer<DeliveryContext>> = Arc::new(
+            self.config
+                .producer_config()
+                .create_with_context(DeliveryContext)
+                .map_err(kafka_err)?,
+        );
+        let poller = Poller::start(Arc::clone(&producer))?;
+        let shared = Arc::new(Shared {
+            producer,
+            _poller: poller,
+        });
+        *current = Some(Arc::clone(&shared));
+        Ok(shared)
+    }
+
+    /// Makes a writer of `partition`.
+    pub(super) fn writer(&self, partition: PartitionId) -> Result<KafkaWriter, LogError> {
+        Ok(KafkaWriter {
+            shared: self.get()?,
+            topic: self.config.topic.clone(),
+            partition,
+            timeout: self.config.append_timeout + Duration::from_secs(5),
+            reports: crossbeam_channel::unbounded(),
+        })
+    }
+}
+
+/// A producer and its poll thread.
+struct Shared {
     producer: Arc<BaseProducer<DeliveryContext>>,
+    _poller: Poller,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Shared {
+    /// The last writer is gone: what an abandoned append left queued gets a
+    /// last chance to go out.
+    fn drop(&mut self) {
+        let _ = self.producer.flush(Duration::from_secs(5));
+    }
+}
+
+/// A writer of one partition on the log's shared producer. Its appends wait
+/// for their own delivery reports only.
+pub struct KafkaWriter {
+    shared: Arc<Shared>,
     topic: String,
     partition: PartitionId,
     timeout: Duration,
     reports: (Sender<Delivery>, Receiver<Delivery>),
-    _poller: Poller,
 }
 
 /// How long one `poll` of the producer's thread lasts. rdkafka's `poll` runs
@@ -63,14 +138,11 @@ struct Poller {
 }
 
 impl Poller {
-    fn start(
-        producer: Arc<BaseProducer<DeliveryContext>>,
-        partition: PartitionId,
-    ) -> Result<Poller, LogError> {
+    fn start(producer: Arc<BaseProducer<DeliveryContext>>) -> Result<Poller, LogError> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         std::thread::Builder::new()
-            .name(format!("tasker-kp{}", partition.0))
+            .name("tasker-kpoll".into())
             .spawn(move || {
                 while !stopped.load(Ordering::Relaxed) {
                     producer.poll(POLL_WINDOW);
@@ -95,29 +167,6 @@ impl std::fmt::Debug for KafkaWriter {
             .field("topic", &self.topic)
             .field("partition", &self.partition)
             .finish()
-    }
-}
-
-impl KafkaWriter {
-    pub(super) fn new(
-        config: &KafkaLogConfig,
-        partition: PartitionId,
-    ) -> Result<KafkaWriter, LogError> {
-        let producer: Arc<BaseProducer<DeliveryContext>> = Arc::new(
-            config
-                .producer_config()
-                .create_with_context(DeliveryContext)
-                .map_err(kafka_err)?,
-        );
-        let poller = Poller::start(Arc::clone(&producer), partition)?;
-        Ok(KafkaWriter {
-            producer,
-            topic: config.topic.clone(),
-            partition,
-            timeout: config.append_timeout + Duration::from_secs(5),
-            reports: crossbeam_channel::unbounded(),
-            _poller: poller,
-        })
     }
 }
 
@@ -172,7 +221,7 @@ impl LogWriter for KafkaWriter {
                 .timestamp(r.timestamp.as_millis() as i64)
                 .headers(kafka_headers(&r.headers));
             loop {
-                match self.producer.send(record) {
+                match self.shared.producer.send(record) {
                     Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         // The poll thread frees the queue as deliveries come back.
@@ -211,8 +260,44 @@ impl LogWriter for KafkaWriter {
     }
 }
 
-impl Drop for KafkaWriter {
-    fn drop(&mut self) {
-        let _ = self.producer.flush(Duration::from_secs(5));
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::log::conformance::sample;
+
+    /// librdkafka's hook for tests: the fatal state an idempotent producer
+    /// reaches when the broker loses track of its sequence numbers.
+    #[allow(unsafe_code)]
+    fn make_fatal(p: &BaseProducer<DeliveryContext>) {
+        let reason = std::ffi::CString::new("test").unwrap();
+        // SAFETY: a live client handle and a NUL-terminated string that
+        // outlives the call.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                p.client().native_ptr(),
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            );
+        }
+    }
+
+    #[test]
+    fn writers_share_a_producer_until_it_fails_fatally() {
+        // No broker is needed: a producer connects when it first sends.
+        let producers = Producers::new(KafkaLogConfig::new("127.0.0.1:1", "t", 2));
+        let mut a = producers.writer(PartitionId(0)).unwrap();
+        let b = producers.writer(PartitionId(1)).unwrap();
+        assert!(Arc::ptr_eq(&a.shared, &b.shared), "one producer per log");
+        make_fatal(&a.shared.producer);
+        let err = a.append(&[sample(1)]).unwrap_err();
+        assert!(err.to_string().contains("atal"), "{err}");
+        let c = producers.writer(PartitionId(0)).unwrap();
+        assert!(
+            !Arc::ptr_eq(&a.shared, &c.shared),
+            "a failed producer is replaced"
+        );
+        assert!(c.shared.producer.client().fatal_error().is_none());
     }
 }
