@@ -2,7 +2,8 @@
 //! share consumer clients: a client fetches for every partition it serves (one
 //! request per broker, not one per reader) and hands each partition's records
 //! to its reader through that partition's own queue. A client serves a
-//! partition to one reader at a time, so a process whose processors and
+//! partition to one reader at a time (and never twice, see `Client`), so a
+//! process whose processors and
 //! projectors read the same P partitions holds two clients instead of 2P, each
 //! with its own connections and threads.
 

@@ -107,8 +107,8 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Drop for Shared {
-    /// The last writer is gone: what an abandoned append left queued gets a
-    /// last chance to go out.
+    /// The log and its last writer on this producer are gone: what an
+    /// abandoned append left queued gets a last chance to go out.
     fn drop(&mut self) {
         let _ = self.producer.flush(Duration::from_secs(5));
     }
