@@ -228,7 +228,12 @@ async fn project_from_checkpoint(
                 .last_event_at
                 .store(at.as_millis() as i64, Ordering::Relaxed);
         }
-        if let Ok(end) = log.end(partition) {
+        // A broker round trip on Kafka: off the runtime's workers.
+        let end = {
+            let log = Arc::clone(&log);
+            tokio::task::spawn_blocking(move || log.end(partition)).await
+        };
+        if let Ok(Ok(end)) = end {
             progress
                 .lag_records
                 .store(end.0.saturating_sub(batch.end.0), Ordering::Relaxed);

@@ -3,6 +3,8 @@
 //! `/health/status` (counts by status from `get_system_health_counts_v01`, cached).
 //! Live and ready never need a token.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -10,7 +12,8 @@ use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use tasker_engine::record::Timestamp;
+use tasker_engine::log::Log;
+use tasker_engine::record::{PartitionId, Position, Timestamp};
 use tasker_engine::runtime::PartitionStatus;
 use utoipa::ToSchema;
 
@@ -138,7 +141,32 @@ async fn check_read_model(state: &AppState, checks: &mut Vec<Check>) {
     }
 }
 
-fn check_projector(state: &AppState, checks: &mut Vec<Check>) {
+/// How long readiness waits for the log's ends.
+const ENDS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The log's end in each of `partitions`, read off the runtime: on Kafka each
+/// is a broker round trip, which a broker that does not answer holds for
+/// seconds, and a blocked worker would stall every request of the API. Stops
+/// at the first partition that fails.
+async fn log_ends(
+    log: Arc<dyn Log>,
+    partitions: Vec<PartitionId>,
+) -> Result<BTreeMap<PartitionId, Position>, String> {
+    let query = tokio::task::spawn_blocking(move || {
+        partitions
+            .into_iter()
+            .map(|p| log.end(p).map(|end| (p, end)))
+            .collect::<Result<BTreeMap<_, _>, _>>()
+    });
+    match tokio::time::timeout(ENDS_TIMEOUT, query).await {
+        Ok(Ok(Ok(ends))) => Ok(ends),
+        Ok(Ok(Err(e))) => Err(format!("cannot read the log's end: {e}")),
+        Ok(Err(e)) => Err(format!("the query of the log's end stopped: {e}")),
+        Err(_) => Err(format!("the log's end: no answer within {ENDS_TIMEOUT:?}")),
+    }
+}
+
+async fn check_projector(state: &AppState, checks: &mut Vec<Check>) {
     if state.projector.list().is_empty() {
         return;
     }
@@ -148,7 +176,15 @@ fn check_projector(state: &AppState, checks: &mut Vec<Check>) {
     );
     let mut problems = Vec::new();
     let mut worst = (0u64, 0f64);
-    for p in super::audit::projector_progress(state) {
+    let progress = super::audit::projector_progress(state);
+    let partitions = progress.iter().map(|p| PartitionId(p.partition)).collect();
+    let ends = log_ends(Arc::clone(state.engine.log()), partitions)
+        .await
+        .unwrap_or_else(|e| {
+            problems.push(e);
+            BTreeMap::new()
+        });
+    for p in progress {
         if let Some(e) = &p.error {
             problems.push(format!(
                 "partition {}: the projector stopped: {e}",
@@ -156,13 +192,9 @@ fn check_projector(state: &AppState, checks: &mut Vec<Check>) {
             ));
             continue;
         }
-        let end = state
-            .engine
-            .log()
-            .end(tasker_engine::record::PartitionId(p.partition));
-        let records = end
-            .map(|e| e.0.saturating_sub(p.position))
-            .unwrap_or(p.lag_records);
+        let records = ends
+            .get(&PartitionId(p.partition))
+            .map_or(p.lag_records, |e| e.0.saturating_sub(p.position));
         worst = (worst.0.max(records), worst.1.max(p.lag_seconds));
         if records > max_records || p.lag_seconds > max_age.as_secs_f64() {
             problems.push(format!(
@@ -229,7 +261,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         },
     });
     check_read_model(&state, &mut checks).await;
-    check_projector(&state, &mut checks);
+    check_projector(&state, &mut checks).await;
     let ok = checks.iter().all(|c| c.ok);
     let body = Ready {
         status: if ok { "ready" } else { "not_ready" }.into(),
@@ -280,4 +312,79 @@ pub async fn status(
         partitions: partition_health(&state),
         computed_at: computed_at.to_string(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use tasker_engine::log::{LogError, LogReader, LogWriter};
+
+    use super::*;
+
+    /// A log whose `end` takes `delay`, or fails, as a broker that does not
+    /// answer or refuses.
+    #[derive(Debug)]
+    struct Slow {
+        delay: Duration,
+        fail: bool,
+        calls: std::sync::atomic::AtomicU32,
+    }
+
+    impl Log for Slow {
+        fn partitions(&self) -> u32 {
+            3
+        }
+        fn writer(&self, _: PartitionId) -> Result<Box<dyn LogWriter>, LogError> {
+            Err(LogError::Config("read only".into()))
+        }
+        fn reader(&self, _: PartitionId, _: Position) -> Result<Box<dyn LogReader>, LogError> {
+            Err(LogError::Config("no records".into()))
+        }
+        fn end(&self, p: PartitionId) -> Result<Position, LogError> {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::thread::sleep(self.delay);
+            if self.fail {
+                return Err(LogError::Kafka("all brokers down".into()));
+            }
+            Ok(Position(u64::from(p.0) * 10))
+        }
+        fn start(&self, _: PartitionId) -> Result<Position, LogError> {
+            Ok(Position(0))
+        }
+        fn describe(&self) -> String {
+            "slow".into()
+        }
+    }
+
+    fn slow(delay: Duration, fail: bool) -> Arc<Slow> {
+        Arc::new(Slow {
+            delay,
+            fail,
+            calls: Default::default(),
+        })
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn readiness_reads_the_log_ends_off_the_runtime_and_gives_up_in_time() {
+        let all = || (0..3).map(PartitionId).collect::<Vec<_>>();
+        let ends = log_ends(slow(Duration::ZERO, false), all()).await.unwrap();
+        assert_eq!(ends.get(&PartitionId(2)), Some(&Position(20)));
+        // A broker that does not answer: the single runtime thread stays free
+        // (the timer fires) and the answer says why.
+        let t0 = Instant::now();
+        let err = log_ends(slow(Duration::from_secs(4), true), all())
+            .await
+            .unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+        assert!(err.contains("no answer within"), "{err}");
+        // One that refuses: the first failure ends the query.
+        let refusing = slow(Duration::ZERO, true);
+        let err = log_ends(Arc::clone(&refusing) as Arc<dyn Log>, all())
+            .await
+            .unwrap_err();
+        assert!(err.contains("all brokers down"), "{err}");
+        assert_eq!(refusing.calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
 }
