@@ -3,7 +3,7 @@
 //! `/health/status` (counts by status from `get_system_health_counts_v01`, cached).
 //! Live and ready never need a token.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -166,7 +166,13 @@ async fn log_ends(
     }
 }
 
-async fn check_projector(state: &AppState, checks: &mut Vec<Check>) {
+/// The projector's lag against `ends` (the log's ends, where they could be
+/// read; else each projector's last look).
+fn check_projector(
+    state: &AppState,
+    ends: &BTreeMap<PartitionId, Position>,
+    checks: &mut Vec<Check>,
+) {
     if state.projector.list().is_empty() {
         return;
     }
@@ -176,15 +182,7 @@ async fn check_projector(state: &AppState, checks: &mut Vec<Check>) {
     );
     let mut problems = Vec::new();
     let mut worst = (0u64, 0f64);
-    let progress = super::audit::projector_progress(state);
-    let partitions = progress.iter().map(|p| PartitionId(p.partition)).collect();
-    let ends = log_ends(Arc::clone(state.engine.log()), partitions)
-        .await
-        .unwrap_or_else(|e| {
-            problems.push(e);
-            BTreeMap::new()
-        });
-    for p in progress {
+    for p in super::audit::projector_progress(state) {
         if let Some(e) = &p.error {
             problems.push(format!(
                 "partition {}: the projector stopped: {e}",
@@ -218,8 +216,9 @@ async fn check_projector(state: &AppState, checks: &mut Vec<Check>) {
 }
 
 /// Ready for traffic: every partition's processor is live (so its writer can
-/// append), the read model answers with every migration applied, and the
-/// projector is within `health.max_projector_lag_records` / `max_projector_lag`.
+/// append) and the log answers, the read model answers with every migration
+/// applied, and the projector is within `health.max_projector_lag_records` /
+/// `max_projector_lag`.
 #[utoipa::path(get, path = "/health/ready", tag = "health", security(()),
     responses((status = 200, body = Ready), (status = 503, body = Ready)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
@@ -241,11 +240,23 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         })
         .collect();
     let kafka = state.engine.log().shared_writers();
+    let partitions: BTreeSet<PartitionId> = parts
+        .iter()
+        .map(|p| PartitionId(p.partition))
+        .chain(state.projector.list().iter().map(|(p, _)| *p))
+        .collect();
+    let ends = log_ends(
+        Arc::clone(state.engine.log()),
+        partitions.into_iter().collect(),
+    )
+    .await;
     checks.push(Check {
         name: "log".into(),
-        ok: bad.is_empty() && (kafka || !parts.is_empty()),
+        ok: bad.is_empty() && (kafka || !parts.is_empty()) && ends.is_ok(),
         detail: if !bad.is_empty() {
             bad.join("; ")
+        } else if let Err(e) = &ends {
+            e.clone()
         } else if parts.is_empty() {
             if kafka {
                 "no partition assigned yet (consumer group)".into()
@@ -261,7 +272,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         },
     });
     check_read_model(&state, &mut checks).await;
-    check_projector(&state, &mut checks).await;
+    check_projector(&state, &ends.unwrap_or_default(), &mut checks);
     let ok = checks.iter().all(|c| c.ok);
     let body = Ready {
         status: if ok { "ready" } else { "not_ready" }.into(),
