@@ -125,7 +125,10 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             pid: std::process::id(),
             api: format!("http://{addr}"),
         };
-        std::fs::write(&info_path, serde_json::to_vec(&info)?)?;
+        write_run_info(&info_path, &info).hint(format!(
+            "cannot write {}: data_dir must be a writable directory",
+            info_path.display()
+        ))?;
         eprintln!(
             "tasker running: {} | {templates} templates | API http://{addr} | Ctrl-C to stop",
             log.describe()
@@ -171,4 +174,14 @@ async fn shutdown_signal() {
     {
         let _ = ctrl_c.await;
     }
+}
+
+/// Advertises the API in `<data_dir>/run.json`, making the directory if it is
+/// new: on Kafka without a SQLite read model nothing else creates it before
+/// the first snapshot.
+fn write_run_info(path: &std::path::Path, info: &RunInfo) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_vec(info)?)
 }

@@ -390,3 +390,53 @@ fn a_broker_restart_under_load_loses_and_duplicates_nothing() {
     }
     drop(broker);
 }
+
+#[test]
+fn tasker_run_on_kafka_without_a_read_model_starts_in_a_new_data_dir() {
+    // Nothing but run.json goes in the data directory before the first
+    // snapshot here (no file log, no SQLite read model): `tasker run` exited
+    // with "No such file or directory" when it did not exist yet.
+    let dir = tempfile::TempDir::new().unwrap();
+    let data = dir.path().join("new").join("data");
+    let topic = format!("tasker-nodir-{}", uuid::Uuid::now_v7().simple());
+    let brokers = brokers();
+    let mut child = support::tasker(&data)
+        .arg("run")
+        .env("TASKER_LOG__BACKEND", "kafka")
+        .env("TASKER_KAFKA_BROKERS", &brokers)
+        .env("TASKER_LOG__TOPIC", &topic)
+        .env("TASKER_KAFKA__GROUP_ID", &topic)
+        .env("TASKER_PROJECTOR__ENABLED", "false")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let info = data.join("run.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !info.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            panic!("tasker run exited with {status}: {err}");
+        }
+        assert!(Instant::now() < deadline, "no run.json after 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let api: Value = serde_json::from_str(&std::fs::read_to_string(&info).unwrap()).unwrap();
+    let api = api["api"].as_str().unwrap().to_owned();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ready = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = reqwest::get(format!("{api}/health/ready")).await.unwrap();
+            let (status, body) = (r.status().as_u16(), r.json::<Value>().await.unwrap());
+            if status == 200 || Instant::now() > deadline {
+                return (status, body);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    assert_eq!(ready.0, 200, "{}", ready.1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
