@@ -240,11 +240,16 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         })
         .collect();
     let kafka = state.engine.log().shared_writers();
-    let partitions: BTreeSet<PartitionId> = parts
+    let mut partitions: BTreeSet<PartitionId> = parts
         .iter()
         .map(|p| PartitionId(p.partition))
         .chain(state.projector.list().iter().map(|(p, _)| *p))
         .collect();
+    if partitions.is_empty() {
+        // An engine owning nothing still appends clients' commands (Kafka):
+        // the log must answer.
+        partitions.insert(PartitionId(0));
+    }
     let ends = log_ends(
         Arc::clone(state.engine.log()),
         partitions.into_iter().collect(),
