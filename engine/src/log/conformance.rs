@@ -50,13 +50,16 @@ pub fn sample(i: u64) -> Record {
 }
 
 fn read_all(log: &dyn Log, partition: PartitionId, from: Position, n: usize) -> Vec<StoredRecord> {
-    let mut reader = log.reader(partition, from).expect("reader");
+    read_up_to(&mut *log.reader(partition, from).expect("reader"), n)
+}
+
+/// Up to `n` records from `r`, polling for at most 30 s.
+fn read_up_to(r: &mut dyn LogReader, n: usize) -> Vec<StoredRecord> {
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while out.len() < n && Instant::now() < deadline {
         out.extend(
-            reader
-                .poll(n - out.len(), Duration::from_millis(200))
+            r.poll(n - out.len(), Duration::from_millis(200))
                 .expect("poll"),
         );
     }
@@ -313,14 +316,7 @@ pub fn readers_are_independent(h: &dyn Harness) {
 
 /// At least `n` records from `r`, within 30 s.
 fn read_some(r: &mut dyn LogReader, n: usize) -> Vec<StoredRecord> {
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while out.len() < n && Instant::now() < deadline {
-        out.extend(
-            r.poll(n - out.len(), Duration::from_millis(100))
-                .expect("poll"),
-        );
-    }
+    let out = read_up_to(r, n);
     assert!(out.len() >= n, "{} of {n} records", out.len());
     out
 }

@@ -4,10 +4,10 @@
 //! ours) and the headers `tasker-type`, `tasker-kind`, `tasker-schema`,
 //! `content-type` and `tasker-namespace`, so subscribers filter without decoding.
 //!
-//! Writers are idempotent producers with `acks=all`; several may write one
-//! partition (ownership is fenced by epochs in the log, see `runtime`), so
-//! positions are the offsets the broker assigns. Readers are assign-mode
-//! consumers that never commit, sharing a few clients (`reader`).
+//! Writers share one idempotent, `acks=all` producer (`writer`); several may
+//! write one partition (ownership is fenced by epochs in the log, see
+//! `runtime`), so positions are the offsets the broker assigns. Readers are
+//! assign-mode consumers that never commit, sharing a few clients (`reader`).
 
 mod reader;
 mod writer;
