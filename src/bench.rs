@@ -296,41 +296,48 @@ fn events_per_task(template: &tasker_engine::template::Template) -> usize {
 /// concurrently (one reader per partition), as the engine does.
 fn kafka_ceiling(config: &KafkaLogConfig, records: usize) -> anyhow::Result<f64> {
     use tasker_engine::log::{Headers, Record};
-    use tasker_engine::record::{ContentType, Kind, PartitionId, Position, RecordType};
+    use tasker_engine::record::{ContentType, Kind, PartitionId, RecordType};
     let mut config = config.clone();
     config.topic = format!("{}-ceiling", config.topic);
     let log = Arc::new(KafkaLog::open(config.clone())?);
     let partitions = config.partitions.max(1);
     let per_partition = records.div_ceil(partitions as usize);
+    let record = Record {
+        key: TaskId::generate(),
+        headers: Headers {
+            content_type: ContentType::Bincode,
+            kind: Some(Kind::Event),
+            record_type: Some(RecordType::StepCompleted),
+            schema: 1,
+            namespace: Some(bytes::Bytes::from_static(b"bench")),
+        },
+        timestamp: Timestamp::now(),
+        payload: bytes::Bytes::from(vec![7u8; 100]),
+    };
+    // One record per partition before the clock starts: the producer's first
+    // append waits for its producer id (up to ~500 ms), which is setup, not
+    // throughput. The readers start after it.
+    let mut warm = Vec::new();
+    for p in 0..partitions {
+        let mut w = log.writer(PartitionId(p))?;
+        w.append(std::slice::from_ref(&record))?;
+        warm.push((w, log.end(PartitionId(p))?));
+    }
     let started = std::time::Instant::now();
     let mut readers = Vec::new();
     let mut writers = Vec::new();
-    for p in 0..partitions {
+    for (p, (mut w, from)) in (0..partitions).zip(warm) {
         let log_r = Arc::clone(&log);
         readers.push(std::thread::spawn(move || -> anyhow::Result<()> {
-            let mut r = log_r.reader(PartitionId(p), Position(0))?;
+            let mut r = log_r.reader(PartitionId(p), from)?;
             let mut got = 0;
             while got < per_partition {
                 got += r.poll(10_000, Duration::from_secs(5))?.len();
             }
             Ok(())
         }));
-        let log_w = Arc::clone(&log);
+        let batch = vec![record.clone(); 500];
         writers.push(std::thread::spawn(move || -> anyhow::Result<()> {
-            let mut w = log_w.writer(PartitionId(p))?;
-            let record = Record {
-                key: TaskId::generate(),
-                headers: Headers {
-                    content_type: ContentType::Bincode,
-                    kind: Some(Kind::Event),
-                    record_type: Some(RecordType::StepCompleted),
-                    schema: 1,
-                    namespace: Some(bytes::Bytes::from_static(b"bench")),
-                },
-                timestamp: Timestamp::now(),
-                payload: bytes::Bytes::from(vec![7u8; 100]),
-            };
-            let batch = vec![record; 500];
             let mut sent = 0;
             while sent < per_partition {
                 let n = (per_partition - sent).min(batch.len());
@@ -350,6 +357,9 @@ fn kafka_ceiling(config: &KafkaLogConfig, records: usize) -> anyhow::Result<f64>
     }
     Ok((per_partition * partitions as usize) as f64 / started.elapsed().as_secs_f64())
 }
+
+/// A machine this busy through a run has no CPU to give another engine.
+const SATURATED: f64 = 0.9;
 
 /// `--engines`: the workload on N engine processes, for each N given.
 fn scale_out(
@@ -381,6 +391,15 @@ fn scale_out(
                 "{n} engine(s)   {:>10.0} tasks/s   ({:.2} s)",
                 run.tasks_per_s, run.seconds
             );
+            if let Some(u) = &run.cpu {
+                println!(
+                    "               machine {:.0} % busy on {} CPUs; the engines used {:.1} CPU-s ({:.2} CPUs)",
+                    u.machine_busy * 100.0,
+                    u.cpus,
+                    u.processes_seconds,
+                    u.processes_seconds / u.wall_seconds
+                );
+            }
             if let Some(p) = &run.projection {
                 println!(
                     "               read model complete after {:.2} s; {} transactions committed, {} rolled back",
@@ -395,7 +414,8 @@ fn scale_out(
         let out: Vec<_> = runs
             .iter()
             .map(|r| json!({"engines": r.engines, "seconds": r.seconds, "tasks_per_s": r.tasks_per_s, "speedup": r.tasks_per_s / base,
-                "read_model": r.projection.as_ref().map(|p| json!({"seconds": p.seconds, "commits": p.commits, "rollbacks": p.rollbacks}))}))
+                "read_model": r.projection.as_ref().map(|p| json!({"seconds": p.seconds, "commits": p.commits, "rollbacks": p.rollbacks})),
+                "cpu": r.cpu.as_ref().map(|u| json!({"machine_busy": u.machine_busy, "cpus": u.cpus, "engines_cpu_seconds": u.processes_seconds}))}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -405,6 +425,18 @@ fn scale_out(
                 r.engines,
                 runs[0].engines,
                 r.tasks_per_s / base
+            );
+        }
+        if let Some(u) = runs.first().and_then(|r| r.cpu)
+            && runs.len() > 1
+            && u.machine_busy >= SATURATED
+        {
+            println!(
+                "note: with {} engine(s) the machine was already {:.0} % busy: more engine processes on \
+                 this machine share the same {} CPUs (scale out across machines)",
+                runs[0].engines,
+                u.machine_busy * 100.0,
+                u.cpus
             );
         }
     }

@@ -26,6 +26,7 @@ mod bursts;
 mod cli;
 mod client;
 mod commands;
+mod cpu;
 mod demo;
 mod drive;
 mod events;

@@ -29,6 +29,8 @@ pub struct Run {
     pub seconds: f64,
     pub tasks_per_s: f64,
     pub projection: Option<Projection>,
+    /// The machine's and the engines' CPU over the timed window (Linux).
+    pub cpu: Option<crate::cpu::Usage>,
 }
 
 /// How the engines' shared read model kept up.
@@ -164,7 +166,11 @@ pub fn run(
     let mut config = base.clone();
     config.topic = format!("tasker-scaleout-{}", uuid::Uuid::now_v7().simple());
     config.partitions = partitions;
-    let log: Arc<dyn Log> = Arc::new(KafkaLog::open(config.clone())?);
+    let kafka = Arc::new(KafkaLog::open(config.clone())?);
+    let log: Arc<dyn Log> = kafka.clone();
+    // The producer gets its id while the engines start (an idempotent
+    // producer's first append otherwise waits ~500 ms for it, in the window).
+    kafka.connect_writers(Duration::from_secs(10))?;
     let exe = std::env::current_exe()?;
     let mut children = Children(Vec::new());
     let mut apis = Vec::new();
@@ -266,6 +272,7 @@ pub fn run(
         ));
     }
     let started = Instant::now();
+    let cpu = crate::cpu::Window::start(&children.0.iter().map(Child::id).collect::<Vec<_>>());
     let mut producers = Vec::new();
     for (p, envs) in per_partition.into_iter().enumerate() {
         let log = Arc::clone(&log);
@@ -307,6 +314,7 @@ pub fn run(
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu.finish();
     progress.finish_and_clear();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in watchers {
@@ -342,6 +350,7 @@ pub fn run(
         seconds,
         tasks_per_s: tasks as f64 / seconds,
         projection,
+        cpu,
     })
 }
 

@@ -2,7 +2,8 @@
 //! processes share a topic's partitions through a consumer group and a PostgreSQL
 //! read model, and when one is killed with SIGKILL the other takes its partitions,
 //! finishes its tasks and projects them; a broker that stops under load and comes
-//! back loses and duplicates nothing.
+//! back loses and duplicates nothing; `tasker bench --engines` runs the same
+//! workload on one and on two engine processes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 mod support;
@@ -439,4 +440,40 @@ fn tasker_run_on_kafka_without_a_read_model_starts_in_a_new_data_dir() {
     assert_eq!(ready.0, 200, "{}", ready.1);
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[test]
+fn bench_engines_runs_each_engine_count_and_reports_its_cpu() {
+    // `tasker bench --engines` is how the scale-out claim is measured: every
+    // run must finish every task on its engine processes, and say how busy the
+    // machine was, so a ratio near 1 on a saturated host reads as such.
+    let dir = tempfile::TempDir::new().unwrap();
+    let out = support::tasker(dir.path())
+        .args(["--json", "bench", "--workload", "diamond", "--tasks", "300"])
+        .args(["--partitions", "2", "--engines", "1,2"])
+        .env("TASKER_LOG__BACKEND", "kafka")
+        .env("TASKER_KAFKA_BROKERS", brokers())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tasker bench failed: {stderr}");
+    let runs: Vec<Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    for (run, engines) in runs.iter().zip([1, 2]) {
+        assert_eq!(run["engines"], engines, "{run}");
+        let rate = run["tasks_per_s"].as_f64().unwrap();
+        let seconds = run["seconds"].as_f64().unwrap();
+        assert!(rate > 0.0 && (rate * seconds - 300.0).abs() < 1.0, "{run}");
+        let busy = run["cpu"]["machine_busy"].as_f64().unwrap();
+        assert!(busy > 0.0 && busy <= 1.0, "{run}");
+        assert!(
+            run["cpu"]["engines_cpu_seconds"].as_f64().unwrap() > 0.0,
+            "{run}"
+        );
+        assert!(run["cpu"]["cpus"].as_u64().unwrap() >= 1, "{run}");
+    }
+    assert_eq!(runs[0]["speedup"], 1.0);
+    let ratio = runs[1]["tasks_per_s"].as_f64().unwrap() / runs[0]["tasks_per_s"].as_f64().unwrap();
+    assert!((runs[1]["speedup"].as_f64().unwrap() - ratio).abs() < 1e-9);
 }

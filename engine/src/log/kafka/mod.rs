@@ -231,6 +231,15 @@ impl KafkaLog {
         &self.config
     }
 
+    /// Makes and connects the producer the log's writers share, ahead of the
+    /// first append. Its producer id (idempotence) is then acquired in the
+    /// background; an append made before that waits for it, up to ~500 ms on a
+    /// new producer. A client that times its appends (`tasker bench`) calls
+    /// this well before starting the clock.
+    pub fn connect_writers(&self, timeout: Duration) -> Result<(), LogError> {
+        self.writers.connect(timeout)
+    }
+
     /// Consumer clients the log's live readers hold (each reads a partition
     /// for one reader at a time).
     pub fn reader_clients(&self) -> usize {

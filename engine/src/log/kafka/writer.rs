@@ -82,6 +82,17 @@ impl Producers {
         Ok(shared)
     }
 
+    /// Makes the shared producer and waits until it knows the topic's
+    /// partition leaders, so the first append does not pay for connecting.
+    pub(super) fn connect(&self, timeout: Duration) -> Result<(), LogError> {
+        self.get()?
+            .producer
+            .client()
+            .fetch_metadata(Some(&self.config.topic), timeout)
+            .map(drop)
+            .map_err(kafka_err)
+    }
+
     /// Makes a writer of `partition`.
     pub(super) fn writer(&self, partition: PartitionId) -> Result<KafkaWriter, LogError> {
         Ok(KafkaWriter {
