@@ -169,6 +169,11 @@ pub fn render(state: &AppState) -> String {
         m.records_appended.get(),
     );
     o.counter(
+        "tasker_log_gaps_total",
+        "Times a reader skipped positions and the processor read its partition again.",
+        m.log_gaps.get(),
+    );
+    o.counter(
         "tasker_log_slow_appends_total",
         "Embedded-log appends (write + fsync) slower than 50 ms.",
         m.slow_appends.get(),

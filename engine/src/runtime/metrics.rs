@@ -126,6 +126,9 @@ pub struct Metrics {
     /// longer than [`SLOW_APPEND`]: every task of the partition waited for each.
     pub slow_appends: Counter,
     pub records_read: Counter,
+    /// Times a reader skipped positions and the processor read its partition
+    /// again (see `ProcessorError::Gap`).
+    pub log_gaps: Counter,
     pub snapshots_written: Counter,
     /// Of them, deltas (the others are full snapshots).
     pub snapshot_deltas_written: Counter,

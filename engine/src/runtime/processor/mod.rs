@@ -57,6 +57,19 @@ pub enum ProcessorError {
         partition: PartitionId,
         epoch: Epoch,
     },
+    /// The reader skipped positions. Positions of a partition are contiguous
+    /// (no compaction, no transaction markers), so records went missing between
+    /// the log and this reader; the processor restarts, which reads the
+    /// partition again from its last snapshot on a fresh reader (and goes past
+    /// a gap that is still there on a second read).
+    #[error(
+        "partition {partition}: the log skipped positions {expected} to {got}; reading it again"
+    )]
+    Gap {
+        partition: PartitionId,
+        expected: Position,
+        got: Position,
+    },
     #[error("partition {partition}: cannot encode an event: {source}")]
     Encode {
         partition: PartitionId,
@@ -321,6 +334,14 @@ impl Processor {
         for rec in batch {
             if rec.position < self.read_pos {
                 continue; // already folded (recovery overlap)
+            }
+            if rec.position > self.read_pos {
+                self.metrics.log_gaps.inc();
+                return Err(ProcessorError::Gap {
+                    partition: self.partition,
+                    expected: self.read_pos,
+                    got: rec.position,
+                });
             }
             self.chain.push(&rec.record.payload);
             self.read_pos = rec.position.next();

@@ -189,7 +189,9 @@ impl Processor {
         let log_err = |source| ProcessorError::Log { partition, source };
         let mut reader = self.log.reader(partition, self.read_pos).map_err(log_err)?;
         let mut pending: VecDeque<StoredRecord> = VecDeque::new();
-        loop {
+        // Where a gap in positions was last read again from (see below).
+        let mut reread: Option<Position> = None;
+        'read: loop {
             let end = match until {
                 Some(u) => u,
                 None => self.log.end(partition).map_err(log_err)?,
@@ -201,6 +203,18 @@ impl Processor {
                 .poll(8192, Duration::from_millis(200))
                 .map_err(log_err)?;
             for rec in batch {
+                if rec.position > self.read_pos {
+                    // Records missing between the log and the reader: read
+                    // again from the first one missing, once. A gap still there
+                    // is the log's own (it holds nothing at those positions).
+                    self.metrics.log_gaps.inc();
+                    if reread != Some(self.read_pos) {
+                        reread = Some(self.read_pos);
+                        reader.seek(self.read_pos).map_err(log_err)?;
+                        continue 'read;
+                    }
+                    tracing::warn!(partition = %partition, expected = %self.read_pos, got = %rec.position, "the log holds no records between these positions; going on");
+                }
                 self.chain.push(&rec.record.payload);
                 self.read_pos = rec.position.next();
                 self.metrics.records_read.inc();

@@ -1,0 +1,233 @@
+//! A log whose reader skips a command once, as a client library that loses
+//! part of a fetch would: the processor notices the gap in positions, counts it
+//! and reads the partition again (a live processor restarts from its snapshot;
+//! recovery seeks back), and every task still completes, in the log too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tasker_engine::codec;
+use tasker_engine::handler::HandlerRegistry;
+use tasker_engine::log::file::{FileLog, FileLogConfig};
+use tasker_engine::log::{Log, LogError, LogReader, LogWriter, Record, StoredRecord};
+use tasker_engine::record::{
+    Command, CorrelationId, Envelope, Kind, PartitionId, Position, RawJson, RequestTask, TaskId,
+    Timestamp,
+};
+use tasker_engine::registry::TemplateRegistry;
+use tasker_engine::runtime::{Engine, EngineOptions, SubmitError, to_record};
+use tasker_engine::state::{State, TaskStatus};
+
+const DIAMOND: &str = "namespace: t\nname: d\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: noop, depends_on: [a] }\n  - { name: c, handler: noop, depends_on: [a] }\n  - { name: d, handler: noop, depends_on: [b, c] }\n";
+
+/// The embedded log, read back like a shared one (the processor reads its own
+/// appends and decides commands as it reads them), whose readers drop the
+/// first command at or after `skip` the first time one returns it.
+struct GappyLog {
+    inner: FileLog,
+    skip: Position,
+    skipped: Arc<AtomicBool>,
+}
+
+struct SharedWriter(Box<dyn LogWriter>);
+
+impl LogWriter for SharedWriter {
+    fn partition(&self) -> PartitionId {
+        self.0.partition()
+    }
+    fn append(&mut self, batch: &[Record]) -> Result<Vec<Position>, LogError> {
+        self.0.append(batch)
+    }
+    fn exclusive(&self) -> bool {
+        false
+    }
+}
+
+struct GappyReader {
+    inner: Box<dyn LogReader>,
+    skip: Position,
+    skipped: Arc<AtomicBool>,
+}
+
+impl LogReader for GappyReader {
+    fn partition(&self) -> PartitionId {
+        self.inner.partition()
+    }
+    fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<StoredRecord>, LogError> {
+        let mut batch = self.inner.poll(max, wait)?;
+        if let Some(i) = batch
+            .iter()
+            .position(|r| r.position >= self.skip && r.record.headers.kind == Some(Kind::Command))
+            && !self.skipped.swap(true, Ordering::SeqCst)
+        {
+            batch.remove(i);
+        }
+        Ok(batch)
+    }
+    fn seek(&mut self, to: Position) -> Result<(), LogError> {
+        self.inner.seek(to)
+    }
+    fn position(&self) -> Position {
+        self.inner.position()
+    }
+}
+
+impl Log for GappyLog {
+    fn partitions(&self) -> u32 {
+        self.inner.partitions()
+    }
+    fn writer(&self, partition: PartitionId) -> Result<Box<dyn LogWriter>, LogError> {
+        Ok(Box::new(SharedWriter(self.inner.writer(partition)?)))
+    }
+    fn reader(
+        &self,
+        partition: PartitionId,
+        from: Position,
+    ) -> Result<Box<dyn LogReader>, LogError> {
+        Ok(Box::new(GappyReader {
+            inner: self.inner.reader(partition, from)?,
+            skip: self.skip,
+            skipped: Arc::clone(&self.skipped),
+        }))
+    }
+    fn end(&self, partition: PartitionId) -> Result<Position, LogError> {
+        self.inner.end(partition)
+    }
+    fn start(&self, partition: PartitionId) -> Result<Position, LogError> {
+        self.inner.start(partition)
+    }
+    fn describe(&self) -> String {
+        format!("{} (skipping a record once)", self.inner.describe())
+    }
+}
+
+fn request() -> Envelope {
+    Envelope::command(
+        TaskId::generate(),
+        CorrelationId::NIL,
+        Timestamp::now(),
+        Command::RequestTask(RequestTask {
+            namespace: "t".into(),
+            name: "d".into(),
+            context: RawJson::empty_object(),
+            ..RequestTask::default()
+        }),
+    )
+}
+
+/// The log of one partition, its readers skipping the first command at or
+/// after `skip` once; and whether they have.
+fn gappy(dir: &std::path::Path, skip: Position) -> (Arc<dyn Log>, Arc<AtomicBool>) {
+    let file = FileLog::open(
+        dir,
+        FileLogConfig {
+            partitions: 1,
+            ..FileLogConfig::default()
+        },
+    )
+    .unwrap();
+    let skipped = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(GappyLog {
+        inner: file,
+        skip,
+        skipped: Arc::clone(&skipped),
+    });
+    (log, skipped)
+}
+
+fn engine(log: &Arc<dyn Log>) -> Engine {
+    let registry = Arc::new(TemplateRegistry::new(
+        Arc::new(HandlerRegistry::with_builtins()),
+        None,
+    ));
+    registry.add_yaml(DIAMOND, "d.yaml").unwrap();
+    Engine::start(Arc::clone(log), registry, EngineOptions::default(), None).unwrap()
+}
+
+fn wait_complete(engine: &Engine, ids: &[TaskId]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ids.iter().all(|id| {
+        engine
+            .task(*id)
+            .is_some_and(|t| t.status == TaskStatus::Complete)
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "tasks did not complete after a skipped record (gaps seen: {})",
+            engine.metrics().log_gaps.get()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The log itself holds every task, complete.
+fn assert_log_complete(log: &dyn Log, ids: &[TaskId]) {
+    let p = PartitionId(0);
+    let end = log.end(p).unwrap();
+    let mut reader = log.reader(p, Position(0)).unwrap();
+    let mut state = State::default();
+    while reader.position() < end {
+        for rec in reader.poll(10_000, Duration::from_millis(200)).unwrap() {
+            if let Ok(env) = codec::decode(&rec.record.payload) {
+                state.apply(&env);
+            }
+        }
+    }
+    for id in ids {
+        let task = state.task(id).expect("every task is in the log");
+        assert_eq!(task.status, TaskStatus::Complete, "{id}");
+    }
+}
+
+#[test]
+fn a_live_reader_that_skips_a_command_makes_the_processor_read_again_and_lose_nothing() {
+    let dir = tempfile::TempDir::new().unwrap();
+    // The engine starts on an empty log, so the live reader meets the skip.
+    let (log, skipped) = gappy(dir.path(), Position(0));
+    let engine = engine(&log);
+    let mut ids = Vec::new();
+    while ids.len() < 100 {
+        let env = request();
+        let id = env.task_id;
+        match engine.submit(env) {
+            Ok(_) => ids.push(id),
+            Err(SubmitError::Overloaded(_) | SubmitError::Interrupted) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("submit: {e}"),
+        }
+    }
+    wait_complete(&engine, &ids);
+    assert!(skipped.load(Ordering::SeqCst), "no command was skipped");
+    assert_eq!(engine.metrics().log_gaps.get(), 1);
+    assert_log_complete(&*log, &ids);
+    engine.shutdown();
+}
+
+#[test]
+fn a_recovering_reader_that_skips_a_command_reads_it_again() {
+    let dir = tempfile::TempDir::new().unwrap();
+    // Commands written before the engine starts: its recovery reads them.
+    let (log, skipped) = gappy(dir.path(), Position(0));
+    let mut ids = Vec::new();
+    {
+        let mut writer = log.writer(PartitionId(0)).unwrap();
+        let mut buf = Vec::new();
+        let records: Vec<Record> = (0..20)
+            .map(|_| {
+                let env = request();
+                ids.push(env.task_id);
+                to_record(&env, None, &mut buf).unwrap()
+            })
+            .collect();
+        writer.append(&records).unwrap();
+    }
+    let engine = engine(&log);
+    wait_complete(&engine, &ids);
+    assert!(skipped.load(Ordering::SeqCst), "no command was skipped");
+    assert_eq!(engine.metrics().log_gaps.get(), 1);
+    assert_log_complete(&*log, &ids);
+    engine.shutdown();
+}
