@@ -4,23 +4,20 @@
 //! recovery seeks back), and every task still completes, in the log too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tasker_engine::codec;
+use support::{DIAMOND, fold, request};
 use tasker_engine::handler::HandlerRegistry;
 use tasker_engine::log::file::{FileLog, FileLogConfig};
 use tasker_engine::log::{Log, LogError, LogReader, LogWriter, Record, StoredRecord};
-use tasker_engine::record::{
-    Command, CorrelationId, Envelope, Kind, PartitionId, Position, RawJson, RequestTask, TaskId,
-    Timestamp,
-};
+use tasker_engine::record::{Kind, PartitionId, Position, TaskId};
 use tasker_engine::registry::TemplateRegistry;
 use tasker_engine::runtime::{Engine, EngineOptions, SubmitError, to_record};
-use tasker_engine::state::{State, TaskStatus};
-
-const DIAMOND: &str = "namespace: t\nname: d\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: noop, depends_on: [a] }\n  - { name: c, handler: noop, depends_on: [a] }\n  - { name: d, handler: noop, depends_on: [b, c] }\n";
+use tasker_engine::state::TaskStatus;
 
 /// The embedded log, read back like a shared one (the processor reads its own
 /// appends and decides commands as it reads them), whose readers drop the
@@ -103,20 +100,6 @@ impl Log for GappyLog {
     }
 }
 
-fn request() -> Envelope {
-    Envelope::command(
-        TaskId::generate(),
-        CorrelationId::NIL,
-        Timestamp::now(),
-        Command::RequestTask(RequestTask {
-            namespace: "t".into(),
-            name: "d".into(),
-            context: RawJson::empty_object(),
-            ..RequestTask::default()
-        }),
-    )
-}
-
 /// The log of one partition, its readers skipping the first command at or
 /// after `skip` once; and whether they have.
 fn gappy(dir: &std::path::Path, skip: Position) -> (Arc<dyn Log>, Arc<AtomicBool>) {
@@ -164,17 +147,7 @@ fn wait_complete(engine: &Engine, ids: &[TaskId]) {
 
 /// The log itself holds every task, complete.
 fn assert_log_complete(log: &dyn Log, ids: &[TaskId]) {
-    let p = PartitionId(0);
-    let end = log.end(p).unwrap();
-    let mut reader = log.reader(p, Position(0)).unwrap();
-    let mut state = State::default();
-    while reader.position() < end {
-        for rec in reader.poll(10_000, Duration::from_millis(200)).unwrap() {
-            if let Ok(env) = codec::decode(&rec.record.payload) {
-                state.apply(&env);
-            }
-        }
-    }
+    let state = fold(log);
     for id in ids {
         let task = state.task(id).expect("every task is in the log");
         assert_eq!(task.status, TaskStatus::Complete, "{id}");

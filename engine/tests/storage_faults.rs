@@ -5,22 +5,21 @@
 //! never silently skips data and never loses what it acknowledged.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
+mod support;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use tasker_engine::codec;
+use support::{DIAMOND, fold, request};
 use tasker_engine::handler::HandlerRegistry;
 use tasker_engine::log::file::{FaultInjector, FileLog, FileLogConfig, InjectedFault};
 use tasker_engine::log::{Log, LogError};
-use tasker_engine::record::{
-    Command, CorrelationId, Envelope, PartitionId, Position, RawJson, RequestTask, TaskId,
-    Timestamp,
-};
+use tasker_engine::record::{PartitionId, TaskId};
 use tasker_engine::registry::TemplateRegistry;
 use tasker_engine::runtime::{Engine, EngineError, EngineOptions, ProcessorError, SubmitOutcome};
-use tasker_engine::state::{State, TaskStatus};
+use tasker_engine::state::TaskStatus;
 
 #[derive(Debug, Default)]
 struct Faults {
@@ -61,8 +60,6 @@ impl FaultInjector for Faults {
     }
 }
 
-const DIAMOND: &str = "namespace: t\nname: d\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: noop, depends_on: [a] }\n  - { name: c, handler: noop, depends_on: [a] }\n  - { name: d, handler: noop, depends_on: [b, c] }\n";
-
 fn open(dir: &Path, faults: Option<Arc<Faults>>) -> Arc<dyn Log> {
     Arc::new(
         FileLog::open(
@@ -84,35 +81,6 @@ fn engine(log: Arc<dyn Log>) -> Result<Engine, EngineError> {
     ));
     registry.add_yaml(DIAMOND, "d.yaml").unwrap();
     Engine::start(log, registry, EngineOptions::default(), None)
-}
-
-fn request() -> Envelope {
-    Envelope::command(
-        TaskId::generate(),
-        CorrelationId::NIL,
-        Timestamp::now(),
-        Command::RequestTask(RequestTask {
-            namespace: "t".into(),
-            name: "d".into(),
-            context: RawJson::empty_object(),
-            ..RequestTask::default()
-        }),
-    )
-}
-
-fn fold(log: &dyn Log) -> State {
-    let p = PartitionId(0);
-    let mut state = State::default();
-    let end = log.end(p).unwrap();
-    let mut r = log.reader(p, Position(0)).unwrap();
-    while r.position() < end {
-        for rec in r.poll(10_000, Duration::from_millis(200)).unwrap() {
-            if let Ok(env) = codec::decode(&rec.record.payload) {
-                state.apply(&env);
-            }
-        }
-    }
-    state
 }
 
 fn wait_complete(engine: &Engine, ids: &[TaskId]) {

@@ -1,0 +1,47 @@
+//! Helpers shared by the engine's tests that run a one-partition diamond
+//! workload on a log (`storage_faults`, `log_gaps`).
+#![allow(dead_code, clippy::unwrap_used)] // test code; not every test uses all of it
+
+use std::time::Duration;
+
+use tasker_engine::codec;
+use tasker_engine::log::Log;
+use tasker_engine::record::{
+    Command, CorrelationId, Envelope, PartitionId, Position, RawJson, RequestTask, TaskId,
+    Timestamp,
+};
+use tasker_engine::state::State;
+
+/// The diamond `t/d` (a -> b, c -> d) of `noop` steps.
+pub const DIAMOND: &str = "namespace: t\nname: d\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: noop, depends_on: [a] }\n  - { name: c, handler: noop, depends_on: [a] }\n  - { name: d, handler: noop, depends_on: [b, c] }\n";
+
+/// A `task.requested` for the diamond, with a new task id.
+pub fn request() -> Envelope {
+    Envelope::command(
+        TaskId::generate(),
+        CorrelationId::NIL,
+        Timestamp::now(),
+        Command::RequestTask(RequestTask {
+            namespace: "t".into(),
+            name: "d".into(),
+            context: RawJson::empty_object(),
+            ..RequestTask::default()
+        }),
+    )
+}
+
+/// Partition 0 of `log`, folded from the start to its end now.
+pub fn fold(log: &dyn Log) -> State {
+    let p = PartitionId(0);
+    let mut state = State::default();
+    let end = log.end(p).unwrap();
+    let mut r = log.reader(p, Position(0)).unwrap();
+    while r.position() < end {
+        for rec in r.poll(10_000, Duration::from_millis(200)).unwrap() {
+            if let Ok(env) = codec::decode(&rec.record.payload) {
+                state.apply(&env);
+            }
+        }
+    }
+    state
+}
