@@ -8,15 +8,13 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::{DIAMOND, fold, request};
-use tasker_engine::handler::HandlerRegistry;
+use support::{engine, fold, request, wait_complete};
 use tasker_engine::log::file::{FileLog, FileLogConfig};
 use tasker_engine::log::{Log, LogError, LogReader, LogWriter, Record, StoredRecord};
 use tasker_engine::record::{Kind, PartitionId, Position, TaskId};
-use tasker_engine::registry::TemplateRegistry;
-use tasker_engine::runtime::{Engine, EngineOptions, SubmitError, to_record};
+use tasker_engine::runtime::{SubmitError, to_record};
 use tasker_engine::state::TaskStatus;
 
 /// The embedded log, read back like a shared one (the processor reads its own
@@ -120,31 +118,6 @@ fn gappy(dir: &std::path::Path, skip: Position) -> (Arc<dyn Log>, Arc<AtomicBool
     (log, skipped)
 }
 
-fn engine(log: &Arc<dyn Log>) -> Engine {
-    let registry = Arc::new(TemplateRegistry::new(
-        Arc::new(HandlerRegistry::with_builtins()),
-        None,
-    ));
-    registry.add_yaml(DIAMOND, "d.yaml").unwrap();
-    Engine::start(Arc::clone(log), registry, EngineOptions::default(), None).unwrap()
-}
-
-fn wait_complete(engine: &Engine, ids: &[TaskId]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ids.iter().all(|id| {
-        engine
-            .task(*id)
-            .is_some_and(|t| t.status == TaskStatus::Complete)
-    }) {
-        assert!(
-            Instant::now() < deadline,
-            "tasks did not complete after a skipped record (gaps seen: {})",
-            engine.metrics().log_gaps.get()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// The log itself holds every task, complete.
 fn assert_log_complete(log: &dyn Log, ids: &[TaskId]) {
     let state = fold(log);
@@ -159,7 +132,7 @@ fn a_live_reader_that_skips_a_command_makes_the_processor_read_again_and_lose_no
     let dir = tempfile::TempDir::new().unwrap();
     // The engine starts on an empty log, so the live reader meets the skip.
     let (log, skipped) = gappy(dir.path(), Position(0));
-    let engine = engine(&log);
+    let engine = engine(Arc::clone(&log)).unwrap();
     let mut ids = Vec::new();
     while ids.len() < 100 {
         let env = request();
@@ -197,7 +170,7 @@ fn a_recovering_reader_that_skips_a_command_reads_it_again() {
             .collect();
         writer.append(&records).unwrap();
     }
-    let engine = engine(&log);
+    let engine = engine(Arc::clone(&log)).unwrap();
     wait_complete(&engine, &ids);
     assert!(skipped.load(Ordering::SeqCst), "no command was skipped");
     assert_eq!(engine.metrics().log_gaps.get(), 1);

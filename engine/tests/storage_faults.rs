@@ -12,13 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{DIAMOND, fold, request};
-use tasker_engine::handler::HandlerRegistry;
+use support::{engine, fold, request, wait_complete};
 use tasker_engine::log::file::{FaultInjector, FileLog, FileLogConfig, InjectedFault};
 use tasker_engine::log::{Log, LogError};
 use tasker_engine::record::{PartitionId, TaskId};
-use tasker_engine::registry::TemplateRegistry;
-use tasker_engine::runtime::{Engine, EngineError, EngineOptions, ProcessorError, SubmitOutcome};
+use tasker_engine::runtime::{EngineError, ProcessorError, SubmitOutcome};
 use tasker_engine::state::TaskStatus;
 
 #[derive(Debug, Default)]
@@ -72,27 +70,6 @@ fn open(dir: &Path, faults: Option<Arc<Faults>>) -> Arc<dyn Log> {
         )
         .unwrap(),
     )
-}
-
-fn engine(log: Arc<dyn Log>) -> Result<Engine, EngineError> {
-    let registry = Arc::new(TemplateRegistry::new(
-        Arc::new(HandlerRegistry::with_builtins()),
-        None,
-    ));
-    registry.add_yaml(DIAMOND, "d.yaml").unwrap();
-    Engine::start(log, registry, EngineOptions::default(), None)
-}
-
-fn wait_complete(engine: &Engine, ids: &[TaskId]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ids.iter().all(|id| {
-        engine
-            .task(*id)
-            .is_some_and(|t| t.status == TaskStatus::Complete)
-    }) {
-        assert!(Instant::now() < deadline, "tasks did not complete");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]

@@ -2,15 +2,19 @@
 //! workload on a log (`storage_faults`, `log_gaps`).
 #![allow(dead_code, clippy::unwrap_used)] // test code; not every test uses all of it
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tasker_engine::codec;
+use tasker_engine::handler::HandlerRegistry;
 use tasker_engine::log::Log;
 use tasker_engine::record::{
     Command, CorrelationId, Envelope, PartitionId, Position, RawJson, RequestTask, TaskId,
     Timestamp,
 };
-use tasker_engine::state::State;
+use tasker_engine::registry::TemplateRegistry;
+use tasker_engine::runtime::{Engine, EngineError, EngineOptions};
+use tasker_engine::state::{State, TaskStatus};
 
 /// The diamond `t/d` (a -> b, c -> d) of `noop` steps.
 pub const DIAMOND: &str = "namespace: t\nname: d\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: noop, depends_on: [a] }\n  - { name: c, handler: noop, depends_on: [a] }\n  - { name: d, handler: noop, depends_on: [b, c] }\n";
@@ -44,4 +48,31 @@ pub fn fold(log: &dyn Log) -> State {
         }
     }
     state
+}
+
+/// An engine with the diamond registered, on `log`.
+pub fn engine(log: Arc<dyn Log>) -> Result<Engine, EngineError> {
+    let registry = Arc::new(TemplateRegistry::new(
+        Arc::new(HandlerRegistry::with_builtins()),
+        None,
+    ));
+    registry.add_yaml(DIAMOND, "d.yaml").unwrap();
+    Engine::start(log, registry, EngineOptions::default(), None)
+}
+
+/// Waits up to 30 s for every task of `ids` to be complete in the engine.
+pub fn wait_complete(engine: &Engine, ids: &[TaskId]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ids.iter().all(|id| {
+        engine
+            .task(*id)
+            .is_some_and(|t| t.status == TaskStatus::Complete)
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "tasks did not complete (log gaps seen: {})",
+            engine.metrics().log_gaps.get()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
