@@ -217,6 +217,11 @@ pub struct RunArgs {
     /// A directory of template YAML files (overrides `templates.dir`).
     #[arg(long)]
     pub templates: Option<PathBuf>,
+    /// Stop, as on SIGTERM, when the process with this id (the one that
+    /// started this engine) ends, killed or not: `tasker bench --engines`
+    /// passes its own (Linux).
+    #[arg(long, hide = true, value_name = "PID")]
+    pub parent_pid: Option<u32>,
 }
 
 #[derive(Args, Debug)]

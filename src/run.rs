@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
+
 use tasker_engine::config::Backend;
 use tasker_engine::handler::HandlerRegistry;
 use tasker_engine::runtime::{Engine, EngineOptions, GroupMembership};
@@ -14,6 +16,9 @@ use crate::failure::WithHint;
 use crate::wiring::Setup;
 
 pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
+    if let Some(parent) = args.parent_pid {
+        stop_with_parent(parent)?;
+    }
     let setup = Setup::load(cli)?;
     let handlers = Arc::new(HandlerRegistry::with_builtins());
     let registry = setup.registry(handlers, args.templates.as_deref())?;
@@ -174,6 +179,25 @@ async fn shutdown_signal() {
     {
         let _ = ctrl_c.await;
     }
+}
+
+/// Asks the kernel for SIGTERM when the thread that started this process
+/// ends, then checks that `parent` is still that process: one that died
+/// before the request was made would otherwise leave this engine running.
+#[cfg(target_os = "linux")]
+fn stop_with_parent(parent: u32) -> anyhow::Result<()> {
+    use rustix::process::{Signal, getppid, set_parent_process_death_signal};
+    set_parent_process_death_signal(Some(Signal::TERM))
+        .context("asking for a signal when the parent process ends")?;
+    let alive = getppid().is_some_and(|p| p.as_raw_nonzero().get() as u32 == parent);
+    anyhow::ensure!(alive, "the parent process {parent} has already ended");
+    Ok(())
+}
+
+/// Elsewhere the parent stops its engines itself when it ends normally.
+#[cfg(not(target_os = "linux"))]
+fn stop_with_parent(_parent: u32) -> anyhow::Result<()> {
+    Ok(())
 }
 
 /// Advertises the API in `<data_dir>/run.json`, making the directory if it is

@@ -188,6 +188,9 @@ pub fn run(
             .arg("run")
             .arg("--templates")
             .arg(&templates)
+            // The kernel signals the engine when this thread (main) ends.
+            .arg("--parent-pid")
+            .arg(std::process::id().to_string())
             .env("TASKER_LOG__BACKEND", "kafka")
             .env("TASKER_KAFKA_BROKERS", &config.brokers)
             .env("TASKER_LOG__TOPIC", &config.topic)

@@ -448,3 +448,63 @@ fn tasker_project_refuses_a_read_model_made_from_another_log() {
     let o = run(&b, &["project", "--once", "--rebuild"]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// `tasker bench --engines` starts its engines with `--parent-pid`: killing
+/// the bench with SIGKILL must not leave them running. The engine here is the
+/// child of a shell that is killed; it stops as on SIGTERM (snapshots written,
+/// `run.json` removed), not by being killed itself.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_engine_stops_cleanly_when_the_process_that_started_it_is_killed() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut shell = std::process::Command::new("sh");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TASKER_") || k == "DATABASE_URL" {
+            shell.env_remove(k);
+        }
+    }
+    let mut shell = shell
+        .arg("-c")
+        .arg(r#""$0" --data-dir "$1" run --parent-pid $$ 2> "$1/run.log" & wait"#)
+        .arg(support::bin())
+        .arg(&data)
+        .env("TASKER_API__BIND", "127.0.0.1:0")
+        .spawn()
+        .unwrap();
+    let info = data.join("run.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let engine = loop {
+        if let Ok(text) = std::fs::read_to_string(&info)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && let Some(pid) = v["pid"].as_u64()
+        {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "tasker run did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    shell.kill().unwrap();
+    shell.wait().unwrap();
+    // Gone, or a zombie nobody has reaped yet.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{engine}/stat")).is_ok_and(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, r)| !r.starts_with('Z'))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running() {
+        if Instant::now() > deadline {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &engine.to_string()])
+                .status();
+            panic!("the engine {engine} still ran 30 s after its parent was killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(data.join("run.log")).unwrap();
+    assert!(log.contains("stopping: finishing rounds"), "{log}");
+    assert!(!info.exists(), "a clean stop removes run.json: {log}");
+}
