@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tasker_engine::config::{Backend, Config, Resolved};
@@ -54,14 +55,21 @@ impl Setup {
                 Ok(Arc::new(log))
             }
             Backend::Kafka => {
-                let log = KafkaLog::open(self.kafka_config()?)
-                    .map_err(anyhow::Error::from)
-                    .hint(
-                        "check kafka.brokers / TASKER_KAFKA_BROKERS and that the brokers are up",
-                    )?;
+                let log = self.open_kafka()?;
+                // The producer connects and gets its id (idempotence) now, not
+                // during the first append, which would wait ~500 ms for it.
+                if let Err(e) = log.connect_writers(Duration::from_secs(5)) {
+                    tracing::warn!(error = %e, "the producer could not connect yet; appends will retry");
+                }
                 Ok(Arc::new(log))
             }
         }
+    }
+
+    fn open_kafka(&self) -> anyhow::Result<KafkaLog> {
+        KafkaLog::open(self.kafka_config()?)
+            .map_err(anyhow::Error::from)
+            .hint("check kafka.brokers / TASKER_KAFKA_BROKERS and that the brokers are up")
     }
 
     pub fn kafka_config(&self) -> anyhow::Result<KafkaLogConfig> {
@@ -84,7 +92,7 @@ impl Setup {
     /// with the partition count it was created with).
     pub fn open_log_for_reading(&self) -> anyhow::Result<Arc<dyn Log>> {
         if self.config.log.backend == Backend::Kafka {
-            return self.open_log();
+            return Ok(Arc::new(self.open_kafka()?));
         }
         let dir = self.log_dir();
         let log = FileLog::open_existing(&dir)
