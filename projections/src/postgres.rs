@@ -12,7 +12,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 use tasker_engine::record::{Epoch, PartitionId, Position, TaskId};
 
-use crate::batch::{Batch, Duration};
+use crate::batch::{Batch, Duration, Transition};
 use crate::store::{Checkpoint, StoreError, last_record};
 
 /// The read model in PostgreSQL.
@@ -539,9 +539,9 @@ async fn write_transitions(
     let (task_t, step_t): (Vec<_>, Vec<_>) = b.transitions.iter().partition(|t| t.step.is_none());
     if !task_t.is_empty() {
         let last = last_per_entity(task_t.iter().map(|t| (t.task_id, None::<u32>)));
+        let c = TransitionColumns::of(&task_t);
         // Each entity once (a batch holds several transitions of most of them).
-        let ids: std::collections::BTreeSet<uuid::Uuid> =
-            task_t.iter().map(|t| *t.task_id.as_uuid()).collect();
+        let ids: std::collections::BTreeSet<uuid::Uuid> = c.task_ids.iter().copied().collect();
         sqlx::query(
             "UPDATE tasker_task_transitions SET most_recent = false
              WHERE most_recent AND task_id = ANY($1::uuid[])",
@@ -560,54 +560,27 @@ async fn write_transitions(
                          $7::int8[], $8::text[], $10::text[])
                   AS u(task_id, pos, from_state, known, to_state, last, at, meta, kind)",
         )
-        .bind(
-            task_t
-                .iter()
-                .map(|t| *t.task_id.as_uuid())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            task_t
-                .iter()
-                .map(|t| t.position.0 as i64)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            task_t
-                .iter()
-                .map(|t| t.from_state.map(str::to_owned))
-                .collect::<Vec<_>>(),
-        )
-        .bind(task_t.iter().map(|t| t.from_known).collect::<Vec<_>>())
-        .bind(
-            task_t
-                .iter()
-                .map(|t| t.to_state.to_owned())
-                .collect::<Vec<_>>(),
-        )
+        .bind(c.task_ids)
+        .bind(c.positions)
+        .bind(c.from_states)
+        .bind(c.from_known)
+        .bind(c.to_states)
         .bind(last)
-        .bind(task_t.iter().map(|t| ms(t.at)).collect::<Vec<_>>())
-        .bind(
-            task_t
-                .iter()
-                .map(|t| t.metadata.clone())
-                .collect::<Vec<_>>(),
-        )
+        .bind(c.at)
+        .bind(c.metadata)
         .bind(partition)
-        .bind(
-            task_t
-                .iter()
-                .map(|t| t.event_type.to_owned())
-                .collect::<Vec<_>>(),
-        )
+        .bind(c.event_types)
         .execute(&mut **tx)
         .await?;
     }
     if !step_t.is_empty() {
         let last = last_per_entity(step_t.iter().map(|t| (t.task_id, t.step)));
-        let keys: std::collections::BTreeSet<(uuid::Uuid, i32)> = step_t
+        let c = TransitionColumns::of(&step_t);
+        let keys: std::collections::BTreeSet<(uuid::Uuid, i32)> = c
+            .task_ids
             .iter()
-            .map(|t| (*t.task_id.as_uuid(), t.step.unwrap_or(0) as i32))
+            .copied()
+            .zip(c.steps.iter().copied())
             .collect();
         let (ids, steps): (Vec<uuid::Uuid>, Vec<i32>) = keys.into_iter().unzip();
         sqlx::query(
@@ -632,56 +605,51 @@ async fn write_transitions(
                          $7::bool[], $8::int8[], $9::text[], $11::text[])
                   AS u(task_id, step, pos, from_state, known, to_state, last, at, meta, kind)",
         )
-        .bind(
-            step_t
-                .iter()
-                .map(|t| *t.task_id.as_uuid())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            step_t
-                .iter()
-                .map(|t| t.step.unwrap_or(0) as i32)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            step_t
-                .iter()
-                .map(|t| t.position.0 as i64)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            step_t
-                .iter()
-                .map(|t| t.from_state.map(str::to_owned))
-                .collect::<Vec<_>>(),
-        )
-        .bind(step_t.iter().map(|t| t.from_known).collect::<Vec<_>>())
-        .bind(
-            step_t
-                .iter()
-                .map(|t| t.to_state.to_owned())
-                .collect::<Vec<_>>(),
-        )
+        .bind(c.task_ids)
+        .bind(c.steps)
+        .bind(c.positions)
+        .bind(c.from_states)
+        .bind(c.from_known)
+        .bind(c.to_states)
         .bind(last)
-        .bind(step_t.iter().map(|t| ms(t.at)).collect::<Vec<_>>())
-        .bind(
-            step_t
-                .iter()
-                .map(|t| t.metadata.clone())
-                .collect::<Vec<_>>(),
-        )
+        .bind(c.at)
+        .bind(c.metadata)
         .bind(partition)
-        .bind(
-            step_t
-                .iter()
-                .map(|t| t.event_type.to_owned())
-                .collect::<Vec<_>>(),
-        )
+        .bind(c.event_types)
         .execute(&mut **tx)
         .await?;
     }
     Ok(())
+}
+
+/// Transitions as the column arrays `UNNEST` takes.
+struct TransitionColumns {
+    task_ids: Vec<uuid::Uuid>,
+    /// 0 for task transitions (their query does not bind it).
+    steps: Vec<i32>,
+    positions: Vec<i64>,
+    from_states: Vec<Option<String>>,
+    from_known: Vec<bool>,
+    to_states: Vec<String>,
+    at: Vec<i64>,
+    metadata: Vec<String>,
+    event_types: Vec<String>,
+}
+
+impl TransitionColumns {
+    fn of(ts: &[&Transition]) -> TransitionColumns {
+        TransitionColumns {
+            task_ids: ts.iter().map(|t| *t.task_id.as_uuid()).collect(),
+            steps: ts.iter().map(|t| t.step.unwrap_or(0) as i32).collect(),
+            positions: ts.iter().map(|t| t.position.0 as i64).collect(),
+            from_states: ts.iter().map(|t| t.from_state.map(str::to_owned)).collect(),
+            from_known: ts.iter().map(|t| t.from_known).collect(),
+            to_states: ts.iter().map(|t| t.to_state.to_owned()).collect(),
+            at: ts.iter().map(|t| ms(t.at)).collect(),
+            metadata: ts.iter().map(|t| t.metadata.clone()).collect(),
+            event_types: ts.iter().map(|t| t.event_type.to_owned()).collect(),
+        }
+    }
 }
 
 /// For each transition, whether it is the last of its entity in the batch.
