@@ -393,11 +393,14 @@ fn scale_out(
             );
             if let Some(u) = &run.cpu {
                 println!(
-                    "               machine {:.0} % busy on {} CPUs; the engines used {:.1} CPU-s ({:.2} CPUs)",
+                    "               machine {:.0} % busy on {} CPUs; CPU-s used by the engines {:.1} ({:.2} CPUs), \
+                     the bench's producer and readers {:.1}, the rest (broker) {:.1}",
                     u.machine_busy * 100.0,
                     u.cpus,
                     u.processes_seconds,
-                    u.processes_seconds / u.wall_seconds
+                    u.processes_seconds / u.wall_seconds,
+                    u.own_seconds,
+                    u.others_seconds()
                 );
             }
             if let Some(p) = &run.projection {
@@ -415,7 +418,8 @@ fn scale_out(
             .iter()
             .map(|r| json!({"engines": r.engines, "seconds": r.seconds, "tasks_per_s": r.tasks_per_s, "speedup": r.tasks_per_s / base,
                 "read_model": r.projection.as_ref().map(|p| json!({"seconds": p.seconds, "commits": p.commits, "rollbacks": p.rollbacks})),
-                "cpu": r.cpu.as_ref().map(|u| json!({"machine_busy": u.machine_busy, "cpus": u.cpus, "engines_cpu_seconds": u.processes_seconds}))}))
+                "cpu": r.cpu.as_ref().map(|u| json!({"machine_busy": u.machine_busy, "cpus": u.cpus, "engines_cpu_seconds": u.processes_seconds,
+                    "bench_cpu_seconds": u.own_seconds, "other_cpu_seconds": u.others_seconds()}))}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {

@@ -69,6 +69,7 @@ pub struct Window {
     started: Instant,
     machine: Option<MachineSample>,
     processes: Vec<(u32, Option<f64>)>,
+    own: Option<f64>,
 }
 
 /// What a window measured.
@@ -78,6 +79,8 @@ pub struct Usage {
     pub machine_busy: f64,
     /// CPU seconds the watched processes used.
     pub processes_seconds: f64,
+    /// CPU seconds this process used (a bench: its load and its watchers).
+    pub own_seconds: f64,
     /// The window's wall-clock length, in seconds.
     pub wall_seconds: f64,
     pub cpus: usize,
@@ -89,6 +92,7 @@ impl Window {
             started: Instant::now(),
             machine: MachineSample::now(),
             processes: pids.iter().map(|&p| (p, process_seconds(p))).collect(),
+            own: process_seconds(std::process::id()),
         }
     }
 
@@ -102,9 +106,19 @@ impl Window {
         Some(Usage {
             machine_busy,
             processes_seconds,
+            own_seconds: process_seconds(std::process::id())? - self.own?,
             wall_seconds: self.started.elapsed().as_secs_f64(),
             cpus: std::thread::available_parallelism().map_or(1, usize::from),
         })
+    }
+}
+
+impl Usage {
+    /// CPU seconds the machine spent busy outside the watched processes and
+    /// this one (on a bench's machine: the broker, mostly).
+    pub fn others_seconds(&self) -> f64 {
+        let busy = self.machine_busy * self.cpus as f64 * self.wall_seconds;
+        (busy - self.processes_seconds - self.own_seconds).max(0.0)
     }
 }
 
@@ -130,6 +144,23 @@ mod tests {
         assert_eq!(parse_pid_stat("4242 (tasker) S 1"), None);
     }
 
+    #[test]
+    fn the_rest_is_what_the_machine_spent_beyond_the_watched_processes() {
+        let mut u = Usage {
+            machine_busy: 0.75,
+            processes_seconds: 1.5,
+            own_seconds: 0.5,
+            wall_seconds: 2.0,
+            cpus: 2,
+        };
+        assert!(
+            (u.others_seconds() - 1.0).abs() < 1e-9,
+            "3 busy - 1.5 - 0.5"
+        );
+        u.processes_seconds = 3.0; // ticks rounded up past the machine's count
+        assert_eq!(u.others_seconds(), 0.0);
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn a_window_counts_the_cpu_a_process_burns() {
@@ -147,6 +178,11 @@ mod tests {
         let burnt = cpu_clock() - from;
         let usage = window.finish().expect("/proc is readable on Linux");
         // /proc counts in 10 ms ticks, and the test harness's threads run too.
+        assert!(
+            usage.own_seconds >= burnt - 0.05,
+            "{burnt:.2} s of spinning showed as {} CPU-s of this process",
+            usage.own_seconds
+        );
         assert!(
             usage.processes_seconds >= burnt - 0.05,
             "{burnt:.2} s of spinning showed as {} CPU-s",
