@@ -115,6 +115,7 @@ fn a_full_disk_stops_writing_and_nothing_acknowledged_is_lost_when_space_returns
         .unwrap()
         .blocking_recv()
         .unwrap();
+    let metrics = Arc::clone(engine.metrics());
     match Arc::try_unwrap(engine) {
         Ok(e) => e.shutdown(),
         Err(_) => panic!("engine shared"),
@@ -127,6 +128,14 @@ fn a_full_disk_stops_writing_and_nothing_acknowledged_is_lost_when_space_returns
     for id in &accepted {
         assert_eq!(state.task(id).unwrap().status, TaskStatus::Complete);
     }
+    // The metrics count what reached the log, once, not what was decided
+    // again after a failed append.
+    let complete = state
+        .tasks()
+        .filter(|t| t.status == TaskStatus::Complete)
+        .count() as u64;
+    assert_eq!(metrics.tasks_completed.get(), complete);
+    assert_eq!(metrics.tasks_accepted.get(), state.task_count() as u64);
 }
 
 #[test]

@@ -9,13 +9,13 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::SubmitOutcome;
-use super::metrics::{Metrics, SLOW_APPEND};
+use super::metrics::{EventCounts, Metrics, SLOW_APPEND};
 use crate::log::{LogError, LogWriter, Record};
 use crate::record::{Position, StepId, TaskId};
 use crate::state::TaskState;
 
 /// What a batch changes outside the state, released once it is durable: answers,
-/// step dispatches, the read view, observers.
+/// step dispatches, the read view, observers, the counters.
 #[derive(Default)]
 pub(crate) struct Commit {
     /// The position after the batch's last record.
@@ -25,6 +25,7 @@ pub(crate) struct Commit {
     pub finished: Vec<TaskId>,
     /// Tasks as of this batch (`None`: left memory).
     pub views: Vec<(TaskId, Option<Arc<TaskState>>)>,
+    pub counts: EventCounts,
 }
 
 /// How often a writer thread may log a slow append.

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use hdrhistogram::Histogram;
 
+use crate::record::Event;
+
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -97,6 +99,60 @@ impl Latency {
     /// A copy of the distribution so far.
     pub fn snapshot(&self) -> Histogram<u64> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What one batch's events add to the task and step counters. They are added
+/// when the batch is durable: a batch whose append fails is decided again after
+/// the processor restarts, and counting it at decision would count it twice.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EventCounts {
+    tasks_accepted: u64,
+    tasks_completed: u64,
+    tasks_failed: u64,
+    tasks_cancelled: u64,
+    tasks_resolved: u64,
+    steps_started: u64,
+    steps_completed: u64,
+    steps_failed: u64,
+    steps_retried: u64,
+}
+
+impl EventCounts {
+    pub(crate) fn count(&mut self, event: &Event) {
+        match event {
+            Event::TaskAccepted(_) => self.tasks_accepted += 1,
+            Event::TaskCompleted => self.tasks_completed += 1,
+            Event::TaskFailed(_) => self.tasks_failed += 1,
+            Event::TaskCancelled(_) => self.tasks_cancelled += 1,
+            Event::TaskResolvedManually => self.tasks_resolved += 1,
+            Event::StepStarted(_) => self.steps_started += 1,
+            Event::StepCompleted(_) => self.steps_completed += 1,
+            Event::StepFailed(f) => {
+                self.steps_failed += 1;
+                self.steps_retried += u64::from(f.retry_at.is_some());
+            }
+            // Not counted: they change no outcome a dashboard follows.
+            Event::TaskRejected(_)
+            | Event::TaskStarted
+            | Event::TaskRetried(_)
+            | Event::StepRetryDue(_)
+            | Event::StepSkipped(_)
+            | Event::StepCancelled(_)
+            | Event::StepResolvedManually(_) => {}
+        }
+    }
+
+    pub(crate) fn add_to(&self, m: &Metrics) {
+        m.tasks_accepted.add(self.tasks_accepted);
+        m.tasks_completed.add(self.tasks_completed);
+        m.tasks_failed.add(self.tasks_failed);
+        m.tasks_cancelled.add(self.tasks_cancelled);
+        m.tasks_resolved.add(self.tasks_resolved);
+        m.steps_started.add(self.steps_started);
+        m.steps_completed.add(self.steps_completed);
+        m.steps_failed.add(self.steps_failed);
+        m.steps_retried.add(self.steps_retried);
     }
 }
 

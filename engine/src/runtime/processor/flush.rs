@@ -27,6 +27,7 @@ impl Processor {
                     .iter()
                     .map(|id| (*id, self.state.task_shared(id).cloned()))
                     .collect(),
+                counts: round.counts,
             };
             if self.durable_end >= self.appended_end {
                 self.release(commit);
@@ -93,6 +94,7 @@ impl Processor {
             dispatch: round.dispatch,
             finished: round.finished,
             views,
+            counts: round.counts,
         };
         let mut changed = round.changed;
         changed.clear();
@@ -185,6 +187,9 @@ impl Processor {
     /// Releases a durable batch's side effects. The view goes first, so a client
     /// that gets its answer also sees its effect.
     pub(super) fn release(&mut self, commit: Commit) {
+        // Counted before the view shows the batch, so whoever sees a task
+        // finish sees it counted.
+        commit.counts.add_to(&self.metrics);
         // Exclusive writers run ahead of durability: the view describes the log up
         // to this batch's end, not up to what is appended after it.
         let position = if self.exclusive {

@@ -21,7 +21,7 @@ use super::commit::{Commit, WriterThread};
 use super::encode::to_record;
 use super::executor::{Job, Steps};
 use super::ids::derive_task_id;
-use super::metrics::{GaugePart, Metrics};
+use super::metrics::{EventCounts, GaugePart, Metrics};
 use super::snapshot::{SnapshotError, SnapshotStore};
 use super::timers::Timers;
 use super::view::{PartitionView, TaskTable};
@@ -92,6 +92,7 @@ struct Round {
     dispatch: Vec<(TaskId, StepId, u32)>,
     finished: Vec<TaskId>,
     changed: FxHashSet<TaskId>,
+    counts: EventCounts,
 }
 
 pub(crate) struct Processor {
@@ -589,44 +590,22 @@ impl Processor {
                 }
             }
             if let Body::Event(e) = &env.body {
+                self.round.counts.count(e);
                 match e {
-                    Event::TaskAccepted(_) => {
-                        self.metrics.tasks_accepted.inc();
-                        self.enqueue_ready(task, None);
-                    }
-                    Event::StepStarted(s) => {
-                        self.metrics.steps_started.inc();
-                        self.round.dispatch.push((task, s.step, s.attempt));
-                    }
-                    Event::StepCompleted(c) => {
-                        self.metrics.steps_completed.inc();
-                        self.enqueue_ready(task, Some(c.step));
-                    }
+                    Event::TaskAccepted(_) => self.enqueue_ready(task, None),
+                    Event::StepStarted(s) => self.round.dispatch.push((task, s.step, s.attempt)),
+                    Event::StepCompleted(c) => self.enqueue_ready(task, Some(c.step)),
                     Event::StepResolvedManually(r) => self.enqueue_ready(task, Some(r.step)),
                     Event::StepRetryDue(r) => self.enqueue_step(task, r.step),
                     Event::StepFailed(f) => {
-                        self.metrics.steps_failed.inc();
                         if let Some(at) = f.retry_at {
-                            self.metrics.steps_retried.inc();
                             self.timers.push(at, task, f.step);
                         }
                     }
-                    Event::TaskCompleted => {
-                        self.metrics.tasks_completed.inc();
-                        self.round.finished.push(task);
-                    }
-                    Event::TaskFailed(_) => {
-                        self.metrics.tasks_failed.inc();
-                        self.round.finished.push(task);
-                    }
-                    Event::TaskCancelled(_) => {
-                        self.metrics.tasks_cancelled.inc();
-                        self.round.finished.push(task);
-                    }
-                    Event::TaskResolvedManually => {
-                        self.metrics.tasks_resolved.inc();
-                        self.round.finished.push(task);
-                    }
+                    Event::TaskCompleted
+                    | Event::TaskFailed(_)
+                    | Event::TaskCancelled(_)
+                    | Event::TaskResolvedManually => self.round.finished.push(task),
                     Event::TaskRejected(_)
                     | Event::TaskStarted
                     | Event::StepSkipped(_)
