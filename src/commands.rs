@@ -109,19 +109,17 @@ pub fn submit(cli: &Cli, args: &SubmitArgs) -> anyhow::Result<()> {
         request.idempotency_key.as_deref(),
         log.partitions(),
     );
-    drop(log);
     let env = Envelope::command(
         task_id,
         CorrelationId::generate(),
         Timestamp::now(),
         Command::RequestTask(request),
     );
-    append_directly(cli, &setup, env)
+    append_directly(cli, log.as_ref(), env)
 }
 
 /// With no engine running, records the command in the log for the next `tasker run`.
-fn append_directly(cli: &Cli, setup: &Setup, env: Envelope) -> anyhow::Result<()> {
-    let log = setup.open_log()?;
+fn append_directly(cli: &Cli, log: &dyn Log, env: Envelope) -> anyhow::Result<()> {
     let partition = partition_for_task(env.task_id, log.partitions());
     let mut writer = log
         .writer(partition)
@@ -312,7 +310,7 @@ fn control(cli: &Cli, task: &str, path: &str, body: Value, command: Command) -> 
         Timestamp::now(),
         command,
     );
-    append_directly(cli, &setup, env)
+    append_directly(cli, setup.open_log()?.as_ref(), env)
 }
 
 pub fn cancel(cli: &Cli, args: &TaskCommandArgs) -> anyhow::Result<()> {
