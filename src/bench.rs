@@ -73,7 +73,10 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
             );
         }
         ceiling = Some(kafka_ceiling(&config, records)?);
-        Arc::new(KafkaLog::open(config)?)
+        let log = KafkaLog::open(config)?;
+        // Ready before the engine appends its ownership claims.
+        log.connect_writers(std::time::Duration::from_secs(10))?;
+        Arc::new(log)
     } else {
         Arc::new(FileLog::open(
             dir.path().join("log"),

@@ -232,10 +232,11 @@ impl KafkaLog {
     }
 
     /// Makes and connects the producer the log's writers share, ahead of the
-    /// first append. Its producer id (idempotence) is then acquired in the
-    /// background; an append made before that waits for it, up to ~500 ms on a
-    /// new producer. A client that times its appends (`tasker bench`) calls
-    /// this well before starting the clock.
+    /// first append, so that its producer id (idempotence) is asked for as
+    /// soon as the broker's connection is up: a new producer's first append
+    /// otherwise waits ~500 ms for it. The id still arrives in the background;
+    /// a client that times its appends (`tasker bench`) calls this well
+    /// before starting the clock.
     pub fn connect_writers(&self, timeout: Duration) -> Result<(), LogError> {
         self.writers.connect(timeout)
     }
