@@ -61,9 +61,20 @@ async fn project(store: &Store, log: &Arc<dyn Log>, batch: usize, chaos: Option<
         None => None,
     };
     let deadline = Instant::now() + Duration::from_secs(120);
+    // Where the projector stood at the last kill.
+    let mut killed_at = None;
     while progress.position.load(Ordering::Relaxed) < end.0 {
         assert!(Instant::now() < deadline, "the projector did not catch up");
         if let (Some(admin), Some(url)) = (&admin, chaos) {
+            // Kill again only once a batch got through since the last kill: on
+            // a loaded machine kills at a fixed pace could starve it (a fresh
+            // connection plans every statement again).
+            let position = progress.position.load(Ordering::Relaxed);
+            if killed_at == Some(position) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            killed_at = Some(position);
             let db = url.rsplit('/').next().unwrap().split('?').next().unwrap();
             let n: i64 = sqlx::query_scalar(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
