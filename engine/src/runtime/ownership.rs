@@ -50,12 +50,17 @@ impl ConsumerContext for Membership {
                 if let Err(e) = consumer.pause(tpl) {
                     tracing::warn!(error = %e, "cannot pause the membership consumer");
                 }
-                for p in self.partitions(tpl) {
-                    if self.engine.owned_partitions().contains(&p) {
-                        continue;
-                    }
+                let owned = self.engine.owned_partitions();
+                let new: Vec<PartitionId> = self
+                    .partitions(tpl)
+                    .into_iter()
+                    .filter(|p| !owned.contains(p))
+                    .collect();
+                for p in &new {
                     tracing::info!(partition = %p, "partition assigned; recovering it");
-                    if let Err(e) = self.engine.start_partition(p) {
+                }
+                for (p, started) in self.engine.start_partitions(&new) {
+                    if let Err(e) = started {
                         tracing::error!(partition = %p, error = %e, "cannot take the partition");
                     }
                 }
