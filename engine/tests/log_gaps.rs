@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use support::{engine, fold, request, wait_complete};
+use tasker_engine::codec;
 use tasker_engine::log::file::{FileLog, FileLogConfig};
 use tasker_engine::log::{Log, LogError, LogReader, LogWriter, Record, StoredRecord};
 use tasker_engine::record::{Kind, PartitionId, Position, TaskId};
-use tasker_engine::runtime::{SubmitError, to_record};
+use tasker_engine::runtime::{SubmitError, SubmitOutcome, to_record};
 use tasker_engine::state::TaskStatus;
 
 /// The embedded log, read back like a shared one (the processor reads its own
@@ -118,6 +119,22 @@ fn gappy(dir: &std::path::Path, skip: Position) -> (Arc<dyn Log>, Arc<AtomicBool
     (log, skipped)
 }
 
+/// The tasks whose `task.requested` the log holds.
+fn requested_in_log(log: &dyn Log) -> Vec<TaskId> {
+    let p = PartitionId(0);
+    let end = log.end(p).unwrap();
+    let mut r = log.reader(p, Position(0)).unwrap();
+    let mut ids = Vec::new();
+    while r.position() < end {
+        for rec in r.poll(10_000, Duration::from_millis(200)).unwrap() {
+            if rec.record.headers.kind == Some(Kind::Command) {
+                ids.push(codec::decode(&rec.record.payload).unwrap().task_id);
+            }
+        }
+    }
+    ids
+}
+
 /// The log itself holds every task, complete.
 fn assert_log_complete(log: &dyn Log, ids: &[TaskId]) {
     let state = fold(log);
@@ -133,17 +150,38 @@ fn a_live_reader_that_skips_a_command_makes_the_processor_read_again_and_lose_no
     // The engine starts on an empty log, so the live reader meets the skip.
     let (log, skipped) = gappy(dir.path(), Position(0));
     let engine = engine(Arc::clone(&log)).unwrap();
-    let mut ids = Vec::new();
-    while ids.len() < 100 {
+    let mut submitted = Vec::new();
+    while submitted.len() < 100 {
         let env = request();
         let id = env.task_id;
         match engine.submit(env) {
-            Ok(_) => ids.push(id),
+            Ok(answer) => submitted.push((id, answer)),
             Err(SubmitError::Overloaded(_) | SubmitError::Interrupted) => {
                 std::thread::sleep(Duration::from_millis(10))
             }
             Err(e) => panic!("submit: {e}"),
         }
+    }
+    // An answer is `Accepted`, or `Interrupted` when the processor stopped
+    // for the gap before answering: its command may or may not be in the log.
+    // Every acknowledged task is in the log, and every task whose command is
+    // in the log completes, the skipped one among them.
+    let mut acknowledged = Vec::new();
+    for (id, answer) in submitted {
+        match answer.blocking_recv() {
+            Ok(Ok(SubmitOutcome::Accepted { .. })) => acknowledged.push(id),
+            Ok(Err(SubmitError::Interrupted)) | Err(_) => {}
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    let ids = requested_in_log(&*log);
+    assert!(
+        ids.len() >= 50,
+        "only {} commands reached the log",
+        ids.len()
+    );
+    for id in &acknowledged {
+        assert!(ids.contains(id), "acknowledged {id} is not in the log");
     }
     wait_complete(&engine, &ids);
     assert!(skipped.load(Ordering::SeqCst), "no command was skipped");
