@@ -8,7 +8,7 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::{engine, fold, request, wait_complete};
 use tasker_engine::codec;
@@ -17,6 +17,7 @@ use tasker_engine::log::{Log, LogError, LogReader, LogWriter, Record, StoredReco
 use tasker_engine::record::{Kind, PartitionId, Position, TaskId};
 use tasker_engine::runtime::{SubmitError, SubmitOutcome, to_record};
 use tasker_engine::state::TaskStatus;
+use tokio::sync::oneshot::error::TryRecvError;
 
 /// The embedded log, read back like a shared one (the processor reads its own
 /// appends and decides commands as it reads them), whose readers drop the
@@ -167,12 +168,24 @@ fn a_live_reader_that_skips_a_command_makes_the_processor_read_again_and_lose_no
     // Every acknowledged task is in the log, and every task whose command is
     // in the log completes, the skipped one among them.
     let mut acknowledged = Vec::new();
-    for (id, answer) in submitted {
-        match answer.blocking_recv() {
-            Ok(Ok(SubmitOutcome::Accepted { .. })) => acknowledged.push(id),
-            Ok(Err(SubmitError::Interrupted)) | Err(_) => {}
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !submitted.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{} submissions never answered (log gaps seen: {})",
+            submitted.len(),
+            engine.metrics().log_gaps.get()
+        );
+        submitted.retain_mut(|(id, answer)| match answer.try_recv() {
+            Err(TryRecvError::Empty) => true,
+            Ok(Ok(SubmitOutcome::Accepted { .. })) => {
+                acknowledged.push(*id);
+                false
+            }
+            Ok(Err(SubmitError::Interrupted)) | Err(TryRecvError::Closed) => false,
             other => panic!("{id}: {other:?}"),
-        }
+        });
+        std::thread::sleep(Duration::from_millis(10));
     }
     let ids = requested_in_log(&*log);
     assert!(
