@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{engine, fold, request, wait_complete};
-use tasker_engine::codec;
+use support::{engine, envelopes, fold, request, wait_complete};
 use tasker_engine::log::file::{FileLog, FileLogConfig};
 use tasker_engine::log::{Log, LogError, LogReader, LogWriter, Record, StoredRecord};
 use tasker_engine::record::{Kind, PartitionId, Position, TaskId};
@@ -122,18 +121,11 @@ fn gappy(dir: &std::path::Path, skip: Position) -> (Arc<dyn Log>, Arc<AtomicBool
 
 /// The tasks whose `task.requested` the log holds.
 fn requested_in_log(log: &dyn Log) -> Vec<TaskId> {
-    let p = PartitionId(0);
-    let end = log.end(p).unwrap();
-    let mut r = log.reader(p, Position(0)).unwrap();
-    let mut ids = Vec::new();
-    while r.position() < end {
-        for rec in r.poll(10_000, Duration::from_millis(200)).unwrap() {
-            if rec.record.headers.kind == Some(Kind::Command) {
-                ids.push(codec::decode(&rec.record.payload).unwrap().task_id);
-            }
-        }
-    }
-    ids
+    envelopes(log)
+        .into_iter()
+        .filter(|env| env.as_command().is_some())
+        .map(|env| env.task_id)
+        .collect()
 }
 
 /// The log itself holds every task, complete.

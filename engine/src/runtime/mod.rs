@@ -193,6 +193,9 @@ pub enum PartitionStatus {
     Stopped { error: Option<String> },
 }
 
+/// Where a partition's supervisor reports how its first recovery went.
+type FirstRecovery = crossbeam_channel::Receiver<Result<(), ProcessorError>>;
+
 struct PartitionRunner {
     inbox: Sender<Inbox>,
     view: Arc<ArcSwap<PartitionView>>,
@@ -324,13 +327,7 @@ impl Engine {
     fn spawn_partition(
         &self,
         partition: PartitionId,
-    ) -> Result<
-        (
-            PartitionRunner,
-            crossbeam_channel::Receiver<Result<(), ProcessorError>>,
-        ),
-        EngineError,
-    > {
+    ) -> Result<(PartitionRunner, FirstRecovery), EngineError> {
         let (inbox_tx, inbox_rx) = crossbeam_channel::bounded(self.options.inbox_capacity);
         let view = Arc::new(ArcSwap::from_pointee(PartitionView::empty(partition)));
         let status = Arc::new(Mutex::new(PartitionStatus::Starting));

@@ -34,18 +34,26 @@ pub fn request() -> Envelope {
     )
 }
 
-/// Partition 0 of `log`, folded from the start to its end now.
-pub fn fold(log: &dyn Log) -> State {
+/// The records of partition 0 of `log` that decode, from the start to its
+/// end now.
+pub fn envelopes(log: &dyn Log) -> Vec<Envelope> {
     let p = PartitionId(0);
-    let mut state = State::default();
     let end = log.end(p).unwrap();
     let mut r = log.reader(p, Position(0)).unwrap();
+    let mut out = Vec::new();
     while r.position() < end {
         for rec in r.poll(10_000, Duration::from_millis(200)).unwrap() {
-            if let Ok(env) = codec::decode(&rec.record.payload) {
-                state.apply(&env);
-            }
+            out.extend(codec::decode(&rec.record.payload).ok());
         }
+    }
+    out
+}
+
+/// Partition 0 of `log`, folded from the start to its end now.
+pub fn fold(log: &dyn Log) -> State {
+    let mut state = State::default();
+    for env in envelopes(log) {
+        state.apply(&env);
     }
     state
 }
